@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DOWNSAMPLING_FACTOR = 8  # three 2x2x2 max-pools
+from .network_constants import DOWNSAMPLING_FACTOR
 
 
 class ConvBNReLU(nn.Sequential):
@@ -144,13 +144,19 @@ class EncoderDecoder3D(nn.Module):
         self.head = nn.Conv3d(w1, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, size = pad_to_multiple(x)
+        # An exported graph takes sizes that are multiples of 8 (the stitcher's tiles are);
+        # padding there would bake the example's size into the graph.
+        exporting = torch.onnx.is_in_onnx_export()
+        if not exporting:
+            x, size = pad_to_multiple(x)
         s1 = self.enc1(x)
         s2 = self.enc2(self.pool(s1))
         s3 = self.enc3(self.pool(s2))
         y = self.bottleneck(self.pool(s3))
         y = self.dec1(self.dec2(self.dec3(y, s3), s2), s1)
         y = self.head(y)
+        if exporting:
+            return y
         return y[:, :, : size[0], : size[1], : size[2]]
 
 
@@ -216,13 +222,13 @@ def count_parameters(module: nn.Module) -> int:
 class WithOutputActivation(nn.Module):
     """Logits -> probabilities: sigmoid for one output channel, softmax over channels otherwise."""
 
-    def __init__(self, network: nn.Module):
+    def __init__(self, network: EncoderDecoder3D):
         super().__init__()
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.network(x)
-        if logits.shape[1] == 1:
+        if self.network.out_channels == 1:
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=1)
 

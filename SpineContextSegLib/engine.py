@@ -1,0 +1,179 @@
+"""Inference engines behind one small interface: ``predict(batch) -> probabilities``.
+
+=============  ==========================================================================
+onnxruntime    default; CPU, or CUDA when ``onnxruntime-gpu`` and a GPU are present
+openvino       optional CPU engine (``pip install openvino``), reads the same model.onnx;
+               fastest on x86 CPUs, bf16 on CPUs with AVX512-BF16/AMX when asked
+torch          optional; needs ``model.pt`` and PyTorch; CUDA with fp16 when present
+=============  ==========================================================================
+
+``engine="auto"`` picks OpenVINO when it is installed and the device is the CPU, else
+ONNX Runtime. ``device``: ``auto`` (GPU when usable), ``cpu``, ``cuda``.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from .errors import SegmentationError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model_files import ModelBundle
+
+ENGINES = ("auto", "onnxruntime", "openvino", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def default_threads() -> int:
+    """Leave one core free for the user's viewer, as Slicer extensions recommend."""
+    return max(1, (os.cpu_count() or 2) - 1) if (os.cpu_count() or 1) > 2 else (os.cpu_count() or 1)
+
+
+class InferenceEngine:
+    """``predict(batch)``: ``(B, C_in, D, H, W)`` float32 -> ``(B, C_out, D, H, W)`` float32 probabilities."""
+
+    name = "base"
+    device = "cpu"
+    precision = "fp32"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.device}, {self.precision})"
+
+
+class OnnxRuntimeEngine(InferenceEngine):
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str, *, device: str = "auto", threads: Optional[int] = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise SegmentationError("engine_missing", "onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu).") from None
+        available = ort.get_available_providers()
+        want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in available
+        if device == "cuda" and not want_cuda:
+            raise SegmentationError("cuda_unavailable", "CUDA was requested but onnxruntime has no CUDA provider here. Use --device cpu or install onnxruntime-gpu.")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        providers = (["CUDAExecutionProvider"] if want_cuda else []) + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(onnx_path, sess_options=options, providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception classes
+            raise SegmentationError("model_incompatible", f"onnxruntime could not load {onnx_path}: {str(error).splitlines()[0][:200]}") from None
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            raise SegmentationError("cuda_unavailable", "CUDA was requested but could not be initialised (driver or CUDA libraries missing). Use --device cpu.")
+        check_model_io(self.session.get_inputs()[0].shape, onnx_path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+class OpenVinoEngine(InferenceEngine):
+    name = "openvino"
+
+    def __init__(self, onnx_path: str, *, threads: Optional[int] = None, precision: str = "fp32"):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise SegmentationError("engine_missing", "OpenVINO is not installed: pip install openvino (or use --engine onnxruntime).") from None
+        self.core = ov.Core()
+        self.model = self.core.read_model(onnx_path)
+        check_model_io([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()], onnx_path)
+        self.precision = precision
+        self.config = {"INFERENCE_NUM_THREADS": int(threads or default_threads()), "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self._compiled = {}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        # compile once per tile shape: every tile of a run has the same shape
+        compiled = self._compiled.get(batch.shape)
+        if compiled is None:
+            model = self.model.clone()
+            model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
+            compiled = self.core.compile_model(model, "CPU", self.config)
+            self._compiled[batch.shape] = compiled
+        return compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
+
+
+class TorchEngine(InferenceEngine):
+    name = "torch"
+
+    def __init__(self, bundle: "ModelBundle", *, device: str = "auto", threads: Optional[int] = None, precision: str = "fp32"):
+        try:
+            import torch
+        except ImportError:
+            raise SegmentationError("engine_missing", "PyTorch is not installed: pip install torch==2.13.0 (or use --engine onnxruntime).") from None
+        from .model_files import build_network_from_card
+        from .network import with_output_activation
+
+        if not os.path.isfile(bundle.torch_path):
+            raise SegmentationError("model_not_found", f"{bundle.directory} has no model.pt; the torch engine needs it (use --engine onnxruntime).")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SegmentationError("cuda_unavailable", "CUDA was requested but PyTorch sees no GPU. Use --device cpu.")
+        self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        state = torch.load(bundle.torch_path, map_location="cpu", weights_only=False)
+        network = build_network_from_card(bundle.card, state["state_dict"])
+        self.model = with_output_activation(network).eval().to(self.device)
+        self.precision = "fp16" if self.device == "cuda" and precision != "fp32" else precision
+        self.torch = torch
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+            if self.precision in ("bf16", "fp16"):
+                dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+                with torch.autocast(device_type=self.device, dtype=dtype):
+                    y = self.model(x)
+            else:
+                y = self.model(x)
+            return y.float().cpu().numpy()
+
+
+def check_model_io(input_shape, onnx_path: str) -> None:
+    if len(input_shape) != 5 or input_shape[1] != 1:
+        raise SegmentationError(
+            "model_incompatible",
+            f"{onnx_path} expects input shape {list(input_shape)}; SpineContextSeg models take one CT channel (N, 1, D, H, W).",
+        )
+
+
+def create_engine(
+    bundle: "ModelBundle", *, engine: str = "auto", device: str = "auto", threads: Optional[int] = None, precision: str = "fp32"
+) -> InferenceEngine:
+    """Build the engine for a verified model folder (see module docstring for the choices)."""
+    if engine not in ENGINES:
+        raise SegmentationError("engine_missing", f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+    if device not in DEVICES:
+        raise SegmentationError("cuda_unavailable", f"Unknown device {device!r}; choose auto, cpu or cuda.")
+    if engine == "torch":
+        return TorchEngine(bundle, device=device, threads=threads, precision=precision)
+    if engine == "openvino":
+        if device == "cuda":
+            raise SegmentationError("cuda_unavailable", "The OpenVINO engine runs on the CPU; use --engine onnxruntime or torch for CUDA.")
+        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=precision)
+    if engine == "auto":
+        if device != "cpu":
+            try:
+                gpu_engine = OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)
+            except SegmentationError as error:
+                if error.code != "engine_missing":
+                    raise
+            else:
+                if gpu_engine.device == "cuda" or device == "cuda":
+                    return gpu_engine
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return OnnxRuntimeEngine(bundle.onnx_path, device="cpu", threads=threads)
+        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=precision)
+    return OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)

@@ -1,0 +1,259 @@
+"""The one segmentation path, shared by the CLI, the worker (Slicer) and the benchmark.
+
+read -> canonical grid -> body crop -> network (Gaussian sliding window) -> post-process
+(on the canonical grid) -> back onto the input's exact grid -> write / mesh / QC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+import numpy as np
+
+from .errors import Cancelled, SegmentationError
+from .network_constants import DOWNSAMPLING_FACTOR
+from .progress import ProgressReporter
+
+if TYPE_CHECKING:  # pragma: no cover
+    import SimpleITK as sitk
+
+    from .engine import InferenceEngine
+    from .labels import LabelInfo
+    from .model_files import ModelBundle
+
+
+@dataclasses.dataclass
+class SegmentOptions:
+    """Everything a run can be told; ``None`` means "the model card's default"."""
+
+    model_dir: Optional[str] = None
+    engine: str = "auto"
+    device: str = "auto"
+    threads: Optional[int] = None
+    precision: str = "fp32"
+    overlap: Optional[float] = None
+    patch_size: Optional[List[int]] = None
+    batch_size: int = 1
+    threshold: Optional[float] = None
+    crop_to_body: bool = True
+    min_island_ml: float = 1.0
+    min_spine_ml: float = 5.0
+    fill_holes: bool = True
+    cancel_file: Optional[str] = None
+
+
+@dataclasses.dataclass
+class SegmentationResult:
+    mask: "sitk.Image"  # uint8 label map on exactly the input's grid
+    labels: List["LabelInfo"]
+    timings_s: Dict[str, float]
+    info: Dict[str, object]
+
+
+class StopCheck:
+    """Raises :class:`Cancelled` when the cancel file exists or a stop signal was received."""
+
+    def __init__(self, cancel_file: Optional[str] = None):
+        self.cancel_file = cancel_file
+        self.signal_received = False
+
+    def __call__(self) -> None:
+        if self.signal_received:
+            raise Cancelled("terminated", "Stopped by a signal; no partial output was kept.")
+        if self.cancel_file and os.path.exists(self.cancel_file):
+            raise Cancelled("cancelled", "Cancelled (cancel file found); no partial output was kept.")
+
+
+class _StageTimer:
+    def __init__(self, reporter: ProgressReporter):
+        self.reporter = reporter
+        self.timings: Dict[str, float] = {}
+
+    def run(self, stage: str, function: Callable, *args, **kwargs):
+        self.reporter.stage(stage, 0, 1)
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+        self.reporter.stage(stage, 1, 1)
+        return result
+
+
+def load_model_and_engine(options: SegmentOptions) -> "tuple[ModelBundle, InferenceEngine]":
+    from .engine import create_engine
+    from .model_files import load_model
+
+    bundle = load_model(options.model_dir)
+    engine = create_engine(bundle, engine=options.engine, device=options.device, threads=options.threads, precision=options.precision)
+    return bundle, engine
+
+
+def segment_image(
+    image: "sitk.Image",
+    options: Optional[SegmentOptions] = None,
+    *,
+    reporter: Optional[ProgressReporter] = None,
+    stop: Optional[Callable[[], None]] = None,
+    bundle: Optional["ModelBundle"] = None,
+    engine: Optional["InferenceEngine"] = None,
+) -> SegmentationResult:
+    """Segment the spine in a CT image (HU) and return a mask on exactly the image's grid.
+
+    ``bundle``/``engine`` may be passed in to reuse a loaded model across many images.
+    ``stop`` is called between tiles and stages; it raises to cancel.
+    """
+    import SimpleITK as sitk
+
+    from .labels import labels_for_task
+    from .postprocess import clean_probability
+    from .preprocessing import body_bounding_box, hu_to_unit_interval, resample_to_reference, to_canonical
+    from .stitcher import sliding_window_inference
+
+    options = options or SegmentOptions()
+    reporter = reporter or ProgressReporter()
+    stop = stop or StopCheck(options.cancel_file)
+    timer = _StageTimer(reporter)
+    if bundle is None or engine is None:
+        bundle, engine = load_model_and_engine(options)
+    card = bundle.card
+    if card.task != "spine":
+        raise SegmentationError("model_incompatible", f"This version segments the whole spine; the model's task is {card.task!r}.")
+
+    stop()
+    canonical = timer.run("preprocess", to_canonical, image, card.spacing_mm, method="linear")
+    hu = sitk.GetArrayViewFromImage(canonical)
+    box = body_bounding_box(hu) if options.crop_to_body else tuple(slice(0, n) for n in hu.shape)
+    network_input = hu_to_unit_interval(hu[box], tuple(card.hu_window))[np.newaxis]
+    stop()
+
+    # exported graphs need tile sizes divisible by the network's total downsampling (8)
+    patch_size = [int(-(-p // DOWNSAMPLING_FACTOR) * DOWNSAMPLING_FACTOR) for p in (options.patch_size or card.patch_size)]
+    overlap = card.overlap if options.overlap is None else float(options.overlap)
+    network_seconds = [0.0]
+
+    def timed_predict(batch: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = engine.predict(batch)
+        network_seconds[0] += time.perf_counter() - start
+        return out
+
+    def on_tile(done: int, total: int) -> None:
+        reporter.stage("network", done, total)
+        stop()
+
+    reporter.stage("network", 0, 1)
+    start = time.perf_counter()
+    probability_crop = sliding_window_inference(
+        network_input, timed_predict, patch_size, overlap=overlap, out_channels=1, batch_size=options.batch_size, on_tile=on_tile
+    )[0]
+    timer.timings["network"] = network_seconds[0]
+    timer.timings["stitch"] = time.perf_counter() - start - network_seconds[0]
+    del network_input
+
+    def postprocess() -> "sitk.Image":
+        probability = np.zeros(hu.shape, dtype=np.float32)
+        probability[box] = probability_crop
+        spacing_zyx = list(reversed(canonical.GetSpacing()))
+        threshold = card.threshold if options.threshold is None else options.threshold
+        cleaned, info = clean_probability(
+            probability, spacing_zyx, threshold=threshold, min_island_ml=options.min_island_ml, min_spine_ml=options.min_spine_ml, fill_holes=options.fill_holes
+        )
+        postprocess_info.update(info)
+        probability_image = sitk.GetImageFromArray(cleaned)
+        probability_image.CopyInformation(canonical)
+        # back onto exactly the input grid: linear on probabilities, then threshold
+        on_input = resample_to_reference(probability_image, image, method="linear", default_value=0.0, pixel_type=sitk.sitkFloat32)
+        mask = sitk.BinaryThreshold(on_input, lowerThreshold=float(threshold), upperThreshold=1e9, insideValue=1, outsideValue=0)
+        return sitk.Cast(mask, sitk.sitkUInt8)
+
+    postprocess_info: Dict[str, object] = {}
+    mask = timer.run("postprocess", postprocess)
+    stop()
+    info = {
+        "engine": engine.describe(),
+        "model": f"{card.name} {card.version}",
+        "trained": card.trained,
+        "canonical_shape_zyx": list(hu.shape),
+        "network_box_zyx": [[s.start, s.stop] for s in box],
+        "patch_size": patch_size,
+        "overlap": overlap,
+        **postprocess_info,
+    }
+    return SegmentationResult(mask=mask, labels=labels_for_task(card.task), timings_s=timer.timings, info=info)
+
+
+def segment_file(
+    input_path: str,
+    output_path: str,
+    options: Optional[SegmentOptions] = None,
+    *,
+    stl_path: Optional[str] = None,
+    stl_per_label: bool = False,
+    qc_path: Optional[str] = None,
+    reporter: Optional[ProgressReporter] = None,
+    stop: Optional[Callable[[], None]] = None,
+    bundle: Optional["ModelBundle"] = None,
+    engine: Optional["InferenceEngine"] = None,
+) -> Dict[str, object]:
+    """Read ``input_path``, segment, write the mask (and STL, QC picture) atomically.
+
+    Returns the ``result`` message of the JSON protocol (outputs, labels, timings, info).
+    Outputs are checked for writability before any computing; the input is only read.
+    """
+    from .fileio import check_output_location
+    from .imageio import read_image, write_labelmap
+
+    options = options or SegmentOptions()
+    reporter = reporter or ProgressReporter()
+    stop = stop or StopCheck(options.cancel_file)
+    outputs = [p for p in (output_path, stl_path, qc_path) if p]
+    for path in outputs:
+        if os.path.exists(input_path) and os.path.exists(path) and os.path.samefile(path, input_path):
+            raise SegmentationError("output_is_input", f"Output {path} is the input file; the input is never overwritten. Choose another name.")
+        check_output_location(path)
+    start_total = time.perf_counter()
+    timer = _StageTimer(reporter)
+    image = timer.run("read", read_image, input_path, reporter=reporter)
+    if bundle is None or engine is None:
+        bundle, engine = load_model_and_engine(options)
+    if not bundle.card.trained:
+        reporter.warning("model_untrained", "The model has random weights (not trained): the result is NOT a segmentation of the spine.")
+    result = segment_image(image, options, reporter=reporter, stop=stop, bundle=bundle, engine=engine)
+    timings = dict(timer.timings, **result.timings_s)
+    written: Dict[str, object] = {}
+    written_paths: List[str] = []
+    try:
+        stop()
+        written["mask"] = timer.run("write", write_labelmap, result.mask, output_path, result.labels)
+        written_paths.append(str(written["mask"]))
+        if stl_path:
+            from .meshing import mesh_labelmap_to_stl
+
+            stop()
+            names = {label.value: label.name for label in result.labels}
+            written["stl"] = timer.run("mesh", mesh_labelmap_to_stl, result.mask, stl_path, labels=names, per_label=stl_per_label)
+            written_paths.extend(written["stl"])  # type: ignore[arg-type]
+        if qc_path:
+            from .qc import write_qc_png
+
+            stop()
+            title = f"{os.path.basename(input_path)} - {bundle.card.name}" + ("" if bundle.card.trained else " (RANDOM WEIGHTS)")
+            written["qc"] = timer.run("qc", write_qc_png, image, result.mask, qc_path, title=title)
+            written_paths.append(str(written["qc"]))
+    except BaseException:
+        # a run that fails or is cancelled after the first write leaves no outputs
+        for path in written_paths:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    timings.update(timer.timings)
+    timings["total"] = time.perf_counter() - start_total
+    return {
+        "type": "result",
+        "input": os.path.abspath(input_path),
+        "outputs": written,
+        "labels": [label.to_json() for label in result.labels],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "info": result.info,
+    }

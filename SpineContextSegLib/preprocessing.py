@@ -1,0 +1,121 @@
+"""Canonical geometry, intensity normalisation, body crop, and the exact way back.
+
+The network always sees the **canonical grid**: axis-aligned with the LPS world axes
+(identity direction), at the model's isotropic or anisotropic ``spacing_mm``, covering the
+input's whole physical extent. Its numpy array (``sitk.GetArrayFromImage``) is indexed
+``[k, j, i]`` = ``[S, P, L]``: axis 0 runs inferior->superior, axis 1 anterior->posterior,
+axis 2 right->left. Any input orientation - flipped, permuted (sagittal slabs such as PIR),
+oblique, anisotropic - is resampled onto it in one step, and results are resampled back
+onto the input image itself, so the output has exactly the input's size, spacing, origin
+and direction.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Sequence, Tuple
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import SimpleITK as sitk
+
+AIR_HU = -1024.0
+
+_INTERPOLATORS = {"nearest": "sitkNearestNeighbor", "linear": "sitkLinear", "bspline": "sitkBSpline"}
+
+
+def interpolator(name: str) -> int:
+    import SimpleITK as sitk
+
+    try:
+        return getattr(sitk, _INTERPOLATORS[name])
+    except KeyError:
+        raise ValueError(f"unknown interpolator {name!r}; choose one of {sorted(_INTERPOLATORS)}") from None
+
+
+def physical_corners(image: "sitk.Image") -> np.ndarray:
+    """(8, 3) LPS mm coordinates of the outer voxel *edges* (index -0.5 and size-0.5) of ``image``."""
+    size = np.array(image.GetSize(), dtype=float)
+    spacing = np.array(image.GetSpacing(), dtype=float)
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    origin = np.array(image.GetOrigin(), dtype=float)
+    lows, highs = -0.5 * np.ones(3), size - 0.5
+    corners = np.array(list(itertools.product(*zip(lows, highs))))
+    return origin + (corners * spacing) @ direction.T
+
+
+def canonical_reference(image: "sitk.Image", spacing_mm: Sequence[float]) -> "sitk.Image":
+    """An empty image defining the canonical grid that covers ``image``.
+
+    Parameters
+    ----------
+    image : sitk.Image
+        Any 3D image.
+    spacing_mm : (3,) float
+        Target spacing along L, P, S (x, y, z), mm.
+
+    Returns
+    -------
+    sitk.Image
+        uint8 image of identity direction whose voxel edges enclose the input's extent.
+    """
+    import SimpleITK as sitk
+
+    spacing = np.asarray(spacing_mm, dtype=float)
+    corners = physical_corners(image)
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    # round before ceil: a 200 mm extent at 2 mm must give 100 voxels, not 101
+    size = np.maximum(1, np.ceil(np.round((high - low) / spacing, 6))).astype(int)
+    origin = low + 0.5 * spacing + 0.5 * ((high - low) - size * spacing)  # centre the grid on the extent
+    reference = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    reference.SetSpacing([float(s) for s in spacing])
+    reference.SetOrigin([float(o) for o in origin])
+    reference.SetDirection(np.eye(3).ravel().tolist())
+    return reference
+
+
+def resample_to_reference(
+    image: "sitk.Image", reference: "sitk.Image", *, method: str = "linear", default_value: float = 0.0, pixel_type: int = -1
+) -> "sitk.Image":
+    """Resample ``image`` onto the grid of ``reference`` (identity transform, physical space)."""
+    import SimpleITK as sitk
+
+    if pixel_type == -1:
+        pixel_type = image.GetPixelID()
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator(method), float(default_value), pixel_type)
+
+
+def to_canonical(image: "sitk.Image", spacing_mm: Sequence[float], *, method: str = "linear", default_value: float = AIR_HU) -> "sitk.Image":
+    """Resample a CT (float32 output) or a label map (``method="nearest"``, type kept) onto its canonical grid."""
+    import SimpleITK as sitk
+
+    pixel_type = image.GetPixelID() if method == "nearest" else sitk.sitkFloat32
+    if method == "nearest" and default_value == AIR_HU:
+        default_value = 0
+    return resample_to_reference(image, canonical_reference(image, spacing_mm), method=method, default_value=default_value, pixel_type=pixel_type)
+
+
+def hu_to_unit_interval(hu: np.ndarray, hu_window: Tuple[float, float] = (-1000.0, 2000.0)) -> np.ndarray:
+    """Clip HU to ``hu_window`` and map it linearly to [0, 1] (float32); the paper's normalisation."""
+    low, high = float(hu_window[0]), float(hu_window[1])
+    out = np.clip(hu, low, high).astype(np.float32, copy=False)
+    out -= low
+    out *= 1.0 / (high - low)
+    return out
+
+
+def body_bounding_box(hu: np.ndarray, *, threshold_hu: float = -500.0, margin_voxels: int = 4) -> Tuple[slice, ...]:
+    """Bounding box of voxels denser than ``threshold_hu`` (the body, plus the table), with a margin.
+
+    Returns a tuple of slices into ``hu``; the whole array when nothing is dense
+    (the model then decides whether there is a spine).
+    """
+    dense = hu > threshold_hu
+    slices = []
+    for axis in range(hu.ndim):
+        other = tuple(a for a in range(hu.ndim) if a != axis)
+        profile = np.flatnonzero(dense.any(axis=other))
+        if profile.size == 0:
+            return tuple(slice(0, n) for n in hu.shape)
+        slices.append(slice(max(0, int(profile[0]) - margin_voxels), min(hu.shape[axis], int(profile[-1]) + 1 + margin_voxels)))
+    return tuple(slices)

@@ -1,0 +1,130 @@
+"""Gaussian-weighted sliding-window inference over a 3D volume.
+
+The volume is covered by tiles of ``patch_size`` placed so that none hangs past the
+volume (the last tile of each axis ends exactly at the far edge; volumes smaller than a
+patch are padded once, up front). Predictions are blended with a Gaussian importance map
+(sigma = patch/8, as in nnU-Net) into float32 accumulators; tiles are processed in
+batches and never kept after they are accumulated.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+#: ``predict(batch)``: ``(B, C_in, D, H, W)`` float32 -> ``(B, C_out, D, H, W)`` float32.
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Separable Gaussian weights for one tile, peak 1 at the centre.
+
+    Parameters
+    ----------
+    patch_size : (D, H, W) int
+    sigma_scale : float
+        Sigma as a fraction of the patch size along each axis.
+
+    Returns
+    -------
+    np.ndarray, float32, shape ``patch_size``
+        Strictly positive (the smallest weight is clamped to 1e-6 of the peak so a voxel
+        at a tile corner covered by only one tile still gets that tile's prediction).
+    """
+    weights = np.ones((), dtype=np.float64)
+    for size in patch_size:
+        centre = (size - 1) / 2.0
+        sigma = max(size * sigma_scale, 1e-6)
+        profile = np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2)
+        weights = np.multiply.outer(weights, profile)
+    weights /= weights.max()
+    return np.maximum(weights, 1e-6).astype(np.float32)
+
+
+def tile_starts(size: int, patch: int, overlap: float) -> List[int]:
+    """Start indices along one axis: the fewest tiles whose step is at most ``patch * (1 - overlap)``.
+
+    The first tile starts at 0, the last ends at ``size``; starts are evenly spread. Requires
+    ``size >= patch`` (pad first otherwise).
+    """
+    if size < patch:
+        raise ValueError(f"axis of size {size} is smaller than the patch {patch}; pad first")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    max_step = max(1, int(np.floor(patch * (1.0 - overlap))))
+    count = int(np.ceil((size - patch) / max_step)) + 1
+    if count == 1:
+        return [0]
+    return [int(round(i * (size - patch) / (count - 1))) for i in range(count)]
+
+
+def tile_grid(shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> List[Tuple[slice, ...]]:
+    """All tiles (as slice tuples) covering ``shape``; ``shape >= patch_size`` on every axis."""
+    starts = [tile_starts(s, p, overlap) for s, p in zip(shape, patch_size)]
+    return [tuple(slice(a, a + p) for a, p in zip(corner, patch_size)) for corner in itertools.product(*starts)]
+
+
+def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def sliding_window_inference(
+    volume: np.ndarray,
+    predict: PredictFn,
+    patch_size: Sequence[int],
+    *,
+    overlap: float = 0.5,
+    out_channels: int = 1,
+    batch_size: int = 1,
+    pad_value: float = 0.0,
+    sigma_scale: float = 1.0 / 8,
+    on_tile: Optional[Callable[[int, int], None]] = None,
+) -> np.ndarray:
+    """Predict a whole volume tile by tile and blend the tiles with Gaussian weights.
+
+    Parameters
+    ----------
+    volume : np.ndarray, shape (C_in, D, H, W), float32
+    predict : callable
+        ``(B, C_in, d, h, w) -> (B, out_channels, d, h, w)``.
+    patch_size : (d, h, w)
+        Tile size; clipped to nothing - an axis shorter than its patch is padded with ``pad_value``.
+    overlap : float in [0, 1)
+        Wanted fraction of overlap between neighbouring tiles (the actual overlap is at least this).
+    on_tile : callable, optional
+        ``on_tile(done, total)`` after each batch; may raise to cancel (e.g. :class:`Cancelled`).
+
+    Returns
+    -------
+    np.ndarray, shape (out_channels, D, H, W), float32
+        ``sum_i(w_i * p_i) / sum_i(w_i)`` at every voxel.
+    """
+    if volume.ndim != 4:
+        raise ValueError(f"volume must be (C, D, H, W), got shape {volume.shape}")
+    spatial = volume.shape[1:]
+    padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size))
+    if padded_shape != spatial:
+        padding = [(0, 0)] + [(0, p - s) for s, p in zip(spatial, padded_shape)]
+        volume = np.pad(volume, padding, mode="constant", constant_values=pad_value)
+    tiles = tile_grid(padded_shape, patch_size, overlap)
+    importance = gaussian_importance_map(patch_size, sigma_scale)
+    accumulated = np.zeros((out_channels,) + padded_shape, dtype=np.float32)
+    weight_sum = np.zeros(padded_shape, dtype=np.float32)
+    done = 0
+    for batch_tiles in _batches(tiles, batch_size):
+        batch = np.stack([volume[(slice(None),) + tile] for tile in batch_tiles]).astype(np.float32, copy=False)
+        prediction = predict(batch)
+        if prediction.shape[1] != out_channels or prediction.shape[2:] != tuple(patch_size):
+            raise ValueError(f"predict returned shape {prediction.shape}, expected (B, {out_channels}, *{tuple(patch_size)})")
+        for tile, tile_prediction in zip(batch_tiles, prediction):
+            accumulated[(slice(None),) + tile] += tile_prediction * importance
+            weight_sum[tile] += importance
+        done += len(batch_tiles)
+        if on_tile is not None:
+            on_tile(done, len(tiles))
+    accumulated /= weight_sum
+    if padded_shape != spatial:
+        accumulated = np.ascontiguousarray(accumulated[(slice(None),) + tuple(slice(0, s) for s in spatial)])
+    return accumulated

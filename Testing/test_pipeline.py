@@ -1,0 +1,176 @@
+"""The segmentation path: exact input geometry out, post-processing, atomic outputs, cancellation."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SpineContextSegLib.engine import InferenceEngine
+from SpineContextSegLib.errors import Cancelled, SegmentationError
+from SpineContextSegLib.model_files import load_model
+from SpineContextSegLib.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
+from SpineContextSegLib.postprocess import clean_probability
+
+from conftest import make_ct_image
+
+
+class BoneThresholdEngine(InferenceEngine):
+    """A stand-in network: probability = sigmoid of (HU - 250) on the [0, 1] window (bone)."""
+
+    name = "bone-threshold"
+
+    def __init__(self, hu_window=(-1000.0, 2000.0)):
+        self.unit_threshold = (250.0 - hu_window[0]) / (hu_window[1] - hu_window[0])
+        self.calls = 0
+
+    def predict(self, batch):
+        self.calls += 1
+        return 1.0 / (1.0 + np.exp(np.clip(-400.0 * (batch - self.unit_threshold), -50, 50)))
+
+
+@pytest.fixture
+def bundle(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [
+        None,
+        (-1, 0, 0, 0, -1, 0, 0, 0, 1),  # RAS-stored
+        (0, 0, -1, 1, 0, 0, 0, -1, 0),  # PIR sagittal slabs
+        tuple(np.array([[0.94, -0.34, 0], [0.34, 0.94, 0], [0, 0, 1]]).T.ravel()),  # oblique 20 degrees
+    ],
+)
+def test_mask_has_exactly_the_input_grid_and_lies_on_the_bone(bundle, direction):
+    image = make_ct_image(size=(40, 36, 30), spacing=(1.6, 1.6, 3.0), direction=direction, origin=(-30.0, 12.5, 100.0))
+    result = segment_image(image, SegmentOptions(min_spine_ml=0.5), bundle=bundle, engine=BoneThresholdEngine())
+    mask = result.mask
+    assert mask.GetSize() == image.GetSize()
+    assert mask.GetSpacing() == image.GetSpacing()
+    assert mask.GetOrigin() == image.GetOrigin()
+    assert mask.GetDirection() == image.GetDirection()
+    assert mask.GetPixelID() == sitk.sitkUInt8
+    m = sitk.GetArrayFromImage(mask).astype(bool)
+    bone = sitk.GetArrayFromImage(image) > 250
+    dice = 2 * (m & bone).sum() / (m.sum() + bone.sum())
+    assert dice > 0.85  # resampled at 4 mm and back: boundaries move by up to a voxel
+    assert result.labels[0].name == "Spine"
+    assert set(result.timings_s) >= {"preprocess", "network", "stitch", "postprocess"}
+
+
+def test_input_image_is_not_modified(bundle):
+    image = make_ct_image()
+    before = sitk.GetArrayFromImage(image).copy()
+    segment_image(image, SegmentOptions(min_spine_ml=0.5), bundle=bundle, engine=BoneThresholdEngine())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), before)
+
+
+def test_body_crop_runs_fewer_tiles_than_the_whole_field_of_view(bundle):
+    image = make_ct_image(size=(96, 96, 40), spacing=(2.0, 2.0, 2.0))
+    arr = sitk.GetArrayFromImage(image)
+    arr[:] = -1000
+    arr[:, 40:56, 40:56] = 700  # a small dense object in a large air field
+    small = sitk.GetImageFromArray(arr)
+    small.CopyInformation(image)
+    cropped, full = BoneThresholdEngine(), BoneThresholdEngine()
+    segment_image(small, SegmentOptions(min_spine_ml=0.5), bundle=bundle, engine=cropped)
+    segment_image(small, SegmentOptions(min_spine_ml=0.5, crop_to_body=False), bundle=bundle, engine=full)
+    assert cropped.calls < full.calls
+
+
+def test_no_dense_structure_means_no_spine_found(bundle):
+    water = sitk.Image([40, 40, 30], sitk.sitkInt16)
+    water.SetSpacing([2.0, 2.0, 2.0])
+    arr = sitk.GetArrayFromImage(water)
+    arr[:] = -1000
+    arr[5:25, 8:32, 8:32] = 0  # a water phantom
+    phantom = sitk.GetImageFromArray(arr)
+    phantom.CopyInformation(water)
+    with pytest.raises(SegmentationError) as error:
+        segment_image(phantom, SegmentOptions(), bundle=bundle, engine=BoneThresholdEngine())
+    assert error.value.code == "no_spine_found"
+
+
+def test_clean_probability_drops_small_islands_and_fills_holes():
+    probability = np.zeros((30, 30, 30), np.float32)
+    probability[5:25, 5:25, 5:25] = 0.9
+    probability[12:16, 12:16, 12:16] = 0.1  # an enclosed hole
+    probability[27:29, 27:29, 27:29] = 0.9  # an island of 8 voxels = 8 ml at 10 mm?  use spacing 1 mm -> 0.008 ml
+    cleaned, info = clean_probability(probability, (1.0, 1.0, 1.0), min_island_ml=0.05, min_spine_ml=1.0)
+    assert info["components"] == 2 and info["kept_components"] == 1
+    assert cleaned[28, 28, 28] == 0.0
+    assert cleaned[13, 13, 13] == 1.0
+    assert cleaned[10, 10, 10] == pytest.approx(0.9)
+
+
+def test_stop_check_reports_cancel_file_and_signal(tmp_path):
+    flag = tmp_path / "cancel"
+    stop = StopCheck(str(flag))
+    stop()  # nothing yet
+    flag.write_text("")
+    with pytest.raises(Cancelled) as error:
+        stop()
+    assert error.value.code == "cancelled" and error.value.exit_status == 20
+    stop = StopCheck(None)
+    stop.signal_received = True
+    with pytest.raises(Cancelled) as error:
+        stop()
+    assert error.value.code == "terminated" and error.value.exit_status == 21
+
+
+def test_cancel_between_tiles_leaves_no_output(tmp_path, bundle):
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(size=(60, 60, 40)), str(source))
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        segment_file(str(source), str(tmp_path / "mask.nii.gz"), SegmentOptions(overlap=0.5, min_spine_ml=0.5), stop=stop, bundle=bundle, engine=BoneThresholdEngine())
+    assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz"]
+
+
+def test_segment_file_writes_mask_stl_and_qc_atomically(tmp_path, bundle):
+    source = tmp_path / "ct.nrrd"
+    sitk.WriteImage(make_ct_image(), str(source))
+    before = source.read_bytes()
+    result = segment_file(
+        str(source), str(tmp_path / "mask.seg.nrrd"), SegmentOptions(min_spine_ml=0.5),
+        stl_path=str(tmp_path / "spine.stl"), qc_path=str(tmp_path / "qc.png"), bundle=bundle, engine=BoneThresholdEngine(),
+    )
+    assert source.read_bytes() == before
+    outputs = result["outputs"]
+    assert os.path.isfile(outputs["mask"]) and os.path.isfile(outputs["qc"]) and all(os.path.isfile(p) for p in outputs["stl"])
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".scs-tmp-")]
+    written = sitk.ReadImage(outputs["mask"])
+    assert written.GetSize() == sitk.ReadImage(str(source)).GetSize()
+    assert written.GetMetaData("Segment0_Name") == "Spine"
+
+
+def test_seg_nrrd_output_reads_back_with_slicerio(tmp_path, bundle):
+    slicerio = pytest.importorskip("slicerio")
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(), str(source))
+    segment_file(str(source), str(tmp_path / "m.seg.nrrd"), SegmentOptions(min_spine_ml=0.5), bundle=bundle, engine=BoneThresholdEngine())
+    segmentation = slicerio.read_segmentation(str(tmp_path / "m.seg.nrrd"))
+    names = slicerio.segment_names(segmentation)
+    assert names == ["Spine"]
+    segment = segmentation["segments"][0]
+    assert segment["labelValue"] == 1
+    assert "SCT" in str(segment.get("terminology", ""))
+
+
+def test_output_equal_to_input_is_refused(tmp_path, bundle):
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(), str(source))
+    before = source.read_bytes()
+    with pytest.raises(SegmentationError) as error:
+        segment_file(str(source), str(source), SegmentOptions(), bundle=bundle, engine=BoneThresholdEngine())
+    assert error.value.code == "output_is_input"
+    assert source.read_bytes() == before

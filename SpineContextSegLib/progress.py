@@ -129,12 +129,24 @@ class BarReporter(ProgressReporter):
             self._bar, self._bar_stage = None, None
 
 
+class WarningsOnlyReporter(ProgressReporter):
+    """No progress, but warnings still reach the user (stderr): silence must not hide them."""
+
+    def __init__(self, stream: Optional[IO[str]] = None):
+        super().__init__()
+        self.stream = stream or sys.stderr
+
+    def emit(self, message: Dict[str, Any]) -> None:
+        if message["type"] == "warning":
+            self.stream.write(f"warning [{message['code']}]: {message['message']}\n")
+
+
 def make_reporter(kind: str) -> ProgressReporter:
-    """``bar`` (humans), ``json`` (programs, the Slicer module) or ``none``."""
+    """``bar`` (humans), ``json`` (programs, the Slicer module) or ``none`` (warnings only)."""
     if kind == "json":
         return JsonLineReporter()
     if kind == "bar":
         return BarReporter()
     if kind == "none":
-        return ProgressReporter()
+        return WarningsOnlyReporter()
     raise ValueError(f"unknown progress kind {kind!r}")

@@ -81,7 +81,7 @@ def test_errors_are_one_json_line_with_a_stable_code_and_no_traceback(tmp_path, 
 def test_human_errors_go_to_stderr(tmp_path, tiny_model_dir):
     completed = run_cli("segment", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir)
     assert completed.returncode == 10
-    assert completed.stderr.strip().startswith("error [input_not_found]:")
+    assert completed.stderr.strip().splitlines()[-1].startswith("error [input_not_found]:")
     assert "Traceback" not in completed.stderr
 
 

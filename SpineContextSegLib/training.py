@@ -99,6 +99,10 @@ def load_case_volumes(config: TrainConfig) -> List[Tuple[object, TrainingVolume]
         for case in find_cases(root, layout=config.layout):
             if any(pattern in case.case_id or pattern in case.image_path for pattern in config.exclude):
                 continue
+            if getattr(case, "partial_labels", False):
+                # visible but unlabelled vertebrae would be taught as background
+                print(f"skipping {case.case_id}: only some vertebrae are labelled", flush=True)
+                continue
             ct, _ = case.load()
             mask = case.load_spine_mask()
             if mask is None:
@@ -241,7 +245,8 @@ class Trainer:
             self.real, self.validation = [], []
         self.phantoms = [phantom_volume(config.seed * 100003 + i + 1000 * self.rank, config) for i in range(config.phantoms)]
         self._next_phantom_seed = config.seed * 100003 + config.phantoms + 1000 * self.rank + 10**6
-        self.validation += [phantom_volume(10**8 + config.seed + i, config) for i in range(config.validation_phantoms)]
+        if config.validation_phantoms and (config.phantoms or not self.validation):
+            self.validation += [phantom_volume(10**8 + config.seed + i, config) for i in range(config.validation_phantoms)]
         if not self.real and not self.phantoms:
             raise SegmentationError("input_not_found", "No training data: pass --data ROOT (VerSe, CTSpine1K, images/labels) and/or --phantoms N.")
         self.validation_batches = self._fixed_validation_patches()
@@ -357,8 +362,8 @@ class Trainer:
             self.history.append(record)
             if self.rank == 0:
                 print(json.dumps(record), flush=True)
-                improved = not np.isnan(val_dice) and val_dice > self.best_dice
-                if improved:
+                improved = np.isnan(val_dice) or val_dice > self.best_dice  # no validation set: keep the latest
+                if improved and not np.isnan(val_dice):
                     self.best_dice = val_dice
                 self.save_checkpoint(os.path.join(config.output_dir, "last.pt"))
                 if improved or not os.path.exists(best_path):

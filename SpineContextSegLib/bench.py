@@ -1,0 +1,292 @@
+"""``spinecontextseg bench``: the default pipeline against the paper's, stage by stage, in one run.
+
+Variants (each run in its own child process so its peak RSS is its own):
+
+``reference``  the paper's inference rebuilt: the authors' tile rule (``range(0, n-p+stride, stride)
+               + [n-p]``, overhanging tiles zero-padded), 64x128x128 tiles, overlap 0.5, Gaussian
+               weighting, PyTorch eager fp32, no body crop, threshold 0.5 - with the same weights
+               on the same canonical grid as ours.
+``default``    exactly what ``spinecontextseg segment`` does.
+others         engines/precisions/tilings worth showing (see ``VARIANTS``).
+
+Every variant runs read -> mask -> STL. The table reports wall time per stage, total, peak RSS,
+speed-up against the reference, Dice against the reference mask and, where a case has labels,
+slab Dice against the ground truth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "write", "mesh")
+
+#: name -> SegmentOptions overrides (``reference`` is special-cased).
+VARIANTS: Dict[str, Dict[str, object]] = {
+    "reference": {},
+    "default": {},
+    "onnxruntime-fp32": {"engine": "onnxruntime"},
+    "openvino-fp32": {"engine": "openvino"},
+    "openvino-bf16": {"engine": "openvino", "precision": "bf16"},
+    "torch-fp32": {"engine": "torch"},
+    "default-overlap0.5": {"overlap": 0.5},
+}
+DEFAULT_VARIANTS = ("reference", "default", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
+REFERENCE_PATCH = (64, 128, 128)
+REFERENCE_OVERLAP = 0.5
+
+
+def repository_tile_starts(size: int, patch: int, overlap: float) -> List[int]:
+    """The authors' start rule; tiles may hang past the far edge (zero-padded there)."""
+    stride = int(patch * (1 - overlap))
+    return sorted(set(list(range(0, max(size - patch + stride, 1), stride)) + [max(size - patch, 0)]))
+
+
+def reference_segment(input_path: str, output_path: str, stl_path: str, model_dir: Optional[str], threads: Optional[int]) -> Dict[str, float]:
+    """The paper's pipeline (see module docstring); returns stage timings in seconds."""
+    import itertools
+
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from .imageio import read_image, write_labelmap
+    from .labels import SPINE
+    from .meshing import mesh_labelmap_to_stl
+    from .model_files import build_network_from_card, load_model
+    from .network import with_output_activation
+    from .preprocessing import hu_to_unit_interval, resample_to_reference, to_canonical
+    from .stitcher import gaussian_importance_map
+
+    timings: Dict[str, float] = {}
+    clock = time.perf_counter()
+    image = read_image(input_path)
+    timings["read"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    bundle = load_model(model_dir)
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    state = torch.load(bundle.torch_path, map_location="cpu", weights_only=False)
+    model = with_output_activation(build_network_from_card(bundle.card, state["state_dict"])).eval()
+    canonical = to_canonical(image, bundle.card.spacing_mm)
+    volume = hu_to_unit_interval(sitk.GetArrayFromImage(canonical), tuple(bundle.card.hu_window))
+    timings["preprocess"] = time.perf_counter() - clock
+
+    network_s, clock = 0.0, time.perf_counter()
+    shape = volume.shape
+    starts = [repository_tile_starts(n, p, REFERENCE_OVERLAP) for n, p in zip(shape, REFERENCE_PATCH)]
+    padded = tuple(max(s[-1] + p, n) for s, p, n in zip(starts, REFERENCE_PATCH, shape))
+    canvas = np.zeros(padded, np.float32)  # 0 = -1000 HU, the authors' padding
+    canvas[: shape[0], : shape[1], : shape[2]] = volume
+    weights = gaussian_importance_map(REFERENCE_PATCH)
+    accumulated = np.zeros(padded, np.float32)
+    weight_sum = np.zeros(padded, np.float32)
+    with torch.no_grad():
+        for corner in itertools.product(*starts):
+            tile = tuple(slice(c, c + p) for c, p in zip(corner, REFERENCE_PATCH))
+            tick = time.perf_counter()
+            probability = model(torch.from_numpy(np.ascontiguousarray(canvas[tile])[None, None]))[0, 0].numpy()
+            network_s += time.perf_counter() - tick
+            accumulated[tile] += probability * weights
+            weight_sum[tile] += weights
+    probability = accumulated[: shape[0], : shape[1], : shape[2]] / weight_sum[: shape[0], : shape[1], : shape[2]]
+    timings["network"] = network_s
+    timings["stitch"] = time.perf_counter() - clock - network_s
+
+    clock = time.perf_counter()
+    probability_image = sitk.GetImageFromArray(probability.astype(np.float32))
+    probability_image.CopyInformation(canonical)
+    on_input = resample_to_reference(probability_image, image, method="linear", pixel_type=sitk.sitkFloat32)
+    mask = sitk.Cast(sitk.BinaryThreshold(on_input, 0.5, 1e9, 1, 0), sitk.sitkUInt8)
+    timings["postprocess"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    write_labelmap(mask, output_path, [SPINE])
+    timings["write"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if sitk.GetArrayViewFromImage(mask).any():
+        mesh_labelmap_to_stl(mask, stl_path)
+    timings["mesh"] = time.perf_counter() - clock
+    timings["tiles"] = float(np.prod([len(s) for s in starts]))
+    return timings
+
+
+def run_variant(variant: str, input_path: str, output_path: str, model_dir: Optional[str], threads: Optional[int]) -> Dict[str, object]:
+    """Run one variant in this process (the child); returns timings and peak RSS."""
+    from .pipeline import SegmentOptions, segment_file
+
+    stl_path = os.path.splitext(output_path)[0] + ".stl"
+    start = time.perf_counter()
+    if variant == "reference":
+        timings = reference_segment(input_path, output_path, stl_path, model_dir, threads)
+        info: Dict[str, object] = {"engine": "torch eager fp32", "tiles": timings.pop("tiles")}
+    else:
+        options = SegmentOptions(model_dir=model_dir, threads=threads, **VARIANTS[variant])  # type: ignore[arg-type]
+        result = segment_file(input_path, output_path, options, stl_path=stl_path)
+        timings = dict(result["timings_s"])  # type: ignore[arg-type]
+        info = dict(result["info"])  # type: ignore[arg-type]
+    timings["total"] = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {"variant": variant, "timings_s": timings, "peak_rss_mb": peak_mb, "info": info}
+
+
+def _child(variant: str, input_path: str, output_path: str, model_dir: Optional[str], threads: Optional[int]) -> Dict[str, object]:
+    command = [sys.executable, "-m", "SpineContextSegLib.bench", "--child", variant, input_path, output_path]
+    if model_dir:
+        command += ["--model", model_dir]
+    if threads:
+        command += ["--threads", str(threads)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        return {"variant": variant, "error": (completed.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(lines[-1])
+
+
+def full_size_phantom(path: str, seed: int = 7) -> str:
+    """A 512x512x~400 CT at 0.78x0.78x1 mm from the phantom generator (timing input)."""
+    import SimpleITK as sitk
+
+    from .phantom import generate_phantom
+
+    if not os.path.exists(path):
+        phantom = generate_phantom(seed, spacing_mm=(0.78125, 0.78125, 1.0), first_level=13, last_level=26, field_of_view="torso")
+        ct = phantom.ct
+        # pad or crop in-plane to 512x512, as a scanner's reconstruction would
+        size = list(ct.GetSize())
+        target = [512, 512, size[2]]
+        lower = [max(0, (t - s) // 2) for s, t in zip(size, target)]
+        upper = [max(0, t - s - l) for s, t, l in zip(size, target, lower)]
+        ct = sitk.ConstantPad(ct, lower, upper, -1024)
+        crop_lo = [max(0, (s - t) // 2) for s, t in zip(ct.GetSize(), target)]
+        ct = sitk.RegionOfInterest(ct, target, crop_lo)
+        sitk.WriteImage(ct, path, useCompression=True)
+        labels = sitk.Resample(phantom.spine_mask, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        sitk.WriteImage(labels, path.replace(".nii.gz", "_label.nii.gz"), useCompression=True)
+    return path
+
+
+def dice_between(a_path: str, b_path: str) -> float:
+    import numpy as np
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(sitk.ReadImage(a_path)) > 0
+    b = sitk.GetArrayFromImage(sitk.ReadImage(b_path)) > 0
+    total = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / total) if total else 1.0
+
+
+def ground_truth_dice(mask_path: str, case) -> Optional[float]:
+    import SimpleITK as sitk
+
+    from .metrics import score_masks
+
+    if case is None:
+        return None
+    gt = case.load_spine_mask()
+    if gt is None:
+        return None
+    labels = case.load_vertebra_labels()
+    scores = score_masks(sitk.ReadImage(mask_path), gt, slab_labels_img=labels, surface_distances=False)
+    return float(scores["dice"])
+
+
+def format_table(rows: List[Dict[str, object]]) -> str:
+    header = ["case", "variant"] + [f"{s} s" for s in STAGES] + ["total s", "peak RSS MB", "speed-up", "Dice vs ref", "Dice vs GT"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['case']} | {row['variant']} | failed: {row['error']} |")
+            continue
+        timings = row["timings_s"]  # type: ignore[index]
+        cells = [str(row["case"]), str(row["variant"])]
+        cells += [f"{timings.get(stage, 0.0):.2f}" for stage in STAGES]  # type: ignore[union-attr]
+        cells += [f"{timings['total']:.2f}", f"{row['peak_rss_mb']:.0f}"]  # type: ignore[index]
+        cells += [f"{row['speedup']:.1f}x" if row.get("speedup") else "-"]
+        cells += [f"{row['dice_ref']:.4f}" if row.get("dice_ref") is not None else "-"]
+        cells += [f"{row['dice_gt']:.3f}" if row.get("dice_gt") is not None else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cases", nargs="*", default=[], help="CT files, case folders or dataset roots (labels are used for Dice vs GT)")
+    parser.add_argument("--full-size", action="store_true", help="add a 512x512x~400 phantom CT (0.78x0.78x1 mm)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--model", help="model folder (default: bundled)")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--work-dir", help="keep inputs/outputs here (default: a temp folder)")
+    parser.add_argument("--markdown", help="also write the table to this file")
+
+
+def _collect_cases(paths: List[str]):
+    from .datasets import find_cases
+
+    cases = []
+    for path in paths:
+        if os.path.isfile(path):
+            cases.append((os.path.basename(path), path, None))
+            continue
+        for case in find_cases(path):
+            cases.append((case.case_id, case.image_path, case))
+    return cases
+
+
+def run(args: argparse.Namespace) -> int:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants: {unknown}")
+    work = args.work_dir or tempfile.mkdtemp(prefix="scs-bench-")
+    os.makedirs(work, exist_ok=True)
+    cases = _collect_cases(args.cases)
+    if args.full_size:
+        path = full_size_phantom(os.path.join(work, "full_size_phantom.nii.gz"))
+        cases.append(("phantom-512x512x400", path, None))
+    rows = []
+    for case_id, image_path, case in cases:
+        reference_mask, reference_total = None, None
+        for variant in variants:
+            output = os.path.join(work, f"{case_id}__{variant}.nii.gz")
+            row = dict(_child(variant, image_path, output, args.model, args.threads), case=case_id)
+            if "error" not in row:
+                total = row["timings_s"]["total"]  # type: ignore[index]
+                if variant == "reference":
+                    reference_mask, reference_total = output, total
+                if reference_mask is not None:
+                    row["dice_ref"] = dice_between(output, reference_mask)
+                    row["speedup"] = reference_total / total if reference_total else None
+                row["dice_gt"] = ground_truth_dice(output, case)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "info"}), file=sys.stderr, flush=True)
+    table = format_table(rows)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+    return 0
+
+
+def _child_main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", required=True)
+    parser.add_argument("input")
+    parser.add_argument("output")
+    parser.add_argument("--model")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args(argv)
+    result = run_variant(args.child, args.input, args.output, args.model, args.threads)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

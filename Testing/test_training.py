@@ -1,0 +1,139 @@
+"""Training: the loop, checkpoints, resume, seeding, loss masking, augmentation and DDP (gloo, 2 CPU processes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+torch = pytest.importorskip("torch")
+
+from conftest import ROOT  # noqa: E402
+
+from SpineContextSegLib.augment import AugmentationConfig, augment_batch  # noqa: E402
+from SpineContextSegLib.training import extract_region, masked_bce_dice_loss  # noqa: E402
+
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+TINY = ["--widths", "4", "8", "8", "--patch", "16", "16", "16", "--batch-size", "2", "--iterations-per-epoch", "2",
+        "--spacing", "3", "--bf16", "off", "--threads", "1", "--validation-fraction", "0.5", "--validation-phantoms", "0", "--phantoms", "0"]
+
+
+def write_case(folder, seed):
+    """A case folder in the `shared` layout: ct.nii.gz (HU) + seg_vert.nii.gz (VerSe ids)."""
+    rng = np.random.default_rng(seed)
+    hu = np.full((40, 30, 30), -1000, np.int16)
+    hu[:, 5:25, 5:25] = 40
+    labels = np.zeros(hu.shape, np.uint8)
+    for level, z in zip((20, 21, 22), (5, 18, 31)):
+        labels[z : z + 8, 12:20, 10:20] = level
+    hu[labels > 0] = 400 + rng.integers(0, 100)
+    os.makedirs(folder, exist_ok=True)
+    for array, name in ((hu, "ct.nii.gz"), (labels, "seg_vert.nii.gz")):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, os.path.join(folder, name))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    for i in range(3):
+        write_case(str(root / f"patient{i}"), i)
+    return str(root)
+
+
+def train(data_root, out, *extra, launcher=None):
+    command = (launcher or [sys.executable, "-m"]) + ["SpineContextSegLib.cli", "train", "--data", data_root, "-o", str(out), *TINY, *extra]
+    completed = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def history(out):
+    return torch.load(os.path.join(out, "last.pt"), weights_only=False)["history"]
+
+
+def test_training_writes_checkpoints_curve_and_an_exportable_model(data_root, tmp_path):
+    from SpineContextSegLib.model_files import load_model
+
+    out = tmp_path / "run"
+    train(data_root, out, "--epochs", "2", "--export", str(tmp_path / "model"))
+    records = history(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0.0 <= r["val_dice"] <= 1.0 and np.isfinite(r["train_loss"]) for r in records)
+    assert (out / "best.pt").exists() and (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    bundle = load_model(str(tmp_path / "model"))
+    assert bundle.card.trained is True and bundle.card.spacing_mm == [3.0, 3.0, 3.0] and bundle.card.patch_size == [16, 16, 16]
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert "patient" in bundle.card.training_data and bundle.card.training["iterations"] == best["iterations"] in (2, 4)
+
+
+def test_resume_continues_where_it_stopped(data_root, tmp_path):
+    out = tmp_path / "run"
+    train(data_root, out, "--epochs", "1")
+    train(data_root, out, "--epochs", "2", "--resume", str(out / "last.pt"))
+    records = history(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[-1]["iterations"] == 4
+
+
+def test_same_seed_gives_the_same_weights(data_root, tmp_path):
+    for name in ("a", "b"):
+        train(data_root, tmp_path / name, "--epochs", "1", "--seed", "5")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_on_gloo(data_root, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561", "-m"]
+    train(data_root, out, "--epochs", "1", launcher=launcher)
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    assert "2 processes" in checkpoint["card"]["training"]["hardware"]
+    assert checkpoint["iterations"] == 2
+
+
+def test_loss_ignores_voxels_with_zero_weight():
+    logits = torch.full((1, 1, 4, 4, 4), -5.0)  # confidently background
+    target = torch.zeros(1, 1, 4, 4, 4)
+    weight = torch.ones(1, 1, 4, 4, 4)
+    weight[..., 2:] = 0
+    wrong_where_ignored = target.clone()
+    wrong_where_ignored[..., 2:] = 1
+    assert float(masked_bce_dice_loss(logits, target, weight)) == pytest.approx(float(masked_bce_dice_loss(logits, wrong_where_ignored, weight)))
+    assert float(masked_bce_dice_loss(logits, wrong_where_ignored, torch.ones_like(weight))) > float(masked_bce_dice_loss(logits, target, torch.ones_like(weight)))
+
+
+def test_augmentation_keeps_labels_binary_and_images_in_range():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 22, 22, 22)
+    label = (torch.rand(2, 1, 22, 22, 22) > 0.7).float()
+    weight = torch.ones_like(label)
+    out_image, out_label, out_weight = augment_batch(image, label, weight, (16, 16, 16), generator, 2.0)
+    assert out_image.shape == (2, 1, 16, 16, 16)
+    assert set(torch.unique(out_label).tolist()) <= {0.0, 1.0}
+    assert float(out_image.min()) >= 0 and float(out_image.max()) <= 1
+
+
+def test_identity_augmentation_returns_the_central_region():
+    config = AugmentationConfig(rotation_deg=0, scale_range=(1, 1), elastic_mm=0, flip_left_right=False, intensity_scale=0,
+                                intensity_shift=0, gamma_range=(1, 1), noise_std=0, blur_probability=0)
+    image = torch.rand(1, 1, 20, 20, 20)
+    label = (image > 0.5).float()
+    out_image, out_label, _ = augment_batch(image, label, torch.ones_like(label), (10, 10, 10), torch.Generator().manual_seed(0), 2.0, config)
+    torch.testing.assert_close(out_image, image[..., 5:15, 5:15, 5:15], atol=1e-5, rtol=0)
+    assert torch.equal(out_label, label[..., 5:15, 5:15, 5:15])
+
+
+def test_patches_outside_the_volume_are_air_and_unsupervised():
+    from SpineContextSegLib.training import TrainingVolume
+
+    volume = TrainingVolume("v", "p", np.ones((10, 10, 10), np.float32), np.ones((10, 10, 10), np.uint8), np.ones((10, 10, 10), np.uint8), np.zeros((0, 3), np.int32))
+    image, label, weight = extract_region(volume, (0, 0, 0), (8, 8, 8))
+    assert image[:4].max() == 0 and weight[:4].max() == 0 and weight[4:, 4:, 4:].min() == 1

@@ -158,15 +158,6 @@ def masked_bce_dice_loss(logits, target, weight):
     return bce + (1 - dice)
 
 
-def _bf16_supported() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
-            flags = handle.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
 class Trainer:
     def __init__(self, config: TrainConfig):
         import torch
@@ -192,7 +183,9 @@ class Trainer:
             self.device = torch.device("cuda" if use_cuda else "cpu")
         if self.device.type == "cpu" and config.threads:
             torch.set_num_threads(config.threads)
-        self.bf16 = self.device.type == "cpu" and (config.bf16 == "on" or (config.bf16 == "auto" and _bf16_supported()))
+        from .engine import cpu_supports_bf16
+
+        self.bf16 = self.device.type == "cpu" and (config.bf16 == "on" or (config.bf16 == "auto" and cpu_supports_bf16()))
         torch.manual_seed(config.seed + self.rank)
         self.rng = np.random.default_rng(config.seed + 1000 * self.rank)
         self.generator = torch.Generator().manual_seed(config.seed + 7 + self.rank)

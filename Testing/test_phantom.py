@@ -1,0 +1,194 @@
+"""Synthetic spine phantoms: determinism, label correctness, grid handling and options."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER, SACRUM_ID
+from SpineContextSegLib.phantom import TISSUE_CODES, generate_phantom
+
+CLEAN = dict(noise_hu=0.0, blur_mm=0.0)
+
+
+def arrays(phantom):
+    return (sitk.GetArrayFromImage(phantom.ct), sitk.GetArrayFromImage(phantom.vertebra_labels),
+            sitk.GetArrayFromImage(phantom.spine_mask), sitk.GetArrayFromImage(phantom.tissue))
+
+
+def centroids_mm(label_image):
+    """{VerSe id: physical centroid (x, y, z) in mm} of a label image (any direction)."""
+    labels = sitk.GetArrayFromImage(label_image)
+    spacing = np.array(label_image.GetSpacing())
+    direction = np.array(label_image.GetDirection()).reshape(3, 3)
+    origin = np.array(label_image.GetOrigin())
+    out = {}
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        k, j, i = np.nonzero(labels == value)
+        index = np.stack([i, j, k], axis=1).mean(axis=0)
+        out[int(value)] = origin + direction @ (spacing * index)
+    return out
+
+
+def world_to_index(image, point):
+    return image.TransformPhysicalPointToIndex([float(c) for c in point])
+
+
+@pytest.fixture(scope="module")
+def lumbar():
+    return generate_phantom(11, first_level="T12", last_level="S", spacing_mm=(3.0, 3.0, 3.0),
+                            field_of_view="torso", screws=False, fracture_level="none", **CLEAN)
+
+
+def test_same_seed_is_identical_and_other_seed_differs():
+    kwargs = dict(first_level="L2", last_level="L5", spacing_mm=(4.0, 4.0, 4.0))
+    a, b, c = (generate_phantom(seed, **kwargs) for seed in (3, 3, 4))
+    for x, y in zip(arrays(a), arrays(b)):
+        assert np.array_equal(x, y)
+    assert a.params == b.params
+    assert a.ct.GetOrigin() == b.ct.GetOrigin()
+    ct_a, ct_c = arrays(a)[0], arrays(c)[0]
+    assert ct_a.shape != ct_c.shape or not np.array_equal(ct_a, ct_c)
+    assert a.params != c.params
+    json.dumps(a.params)  # JSON-serialisable
+
+
+@pytest.mark.parametrize("seed, first, last", [(1, "C1", "C7"), (2, "T3", "T10"), (5, "L1", "S"), (6, None, None)])
+def test_levels_present_in_cranio_caudal_order(seed, first, last):
+    phantom = generate_phantom(seed, first_level=first, last_level=last, spacing_mm=(3.5, 3.5, 3.5), **CLEAN)
+    ct, labels, mask, tissue = arrays(phantom)
+    present = sorted(set(np.unique(labels).tolist()) - {0})
+    assert sorted(phantom.levels) == present
+    assert 4 <= len(phantom.levels) <= 26
+    chain = phantom.params["chain"]  # C1 ... sacrum, with T13/L6 where drawn
+    assert [v for v in CRANIO_CAUDAL_ORDER if v in chain] == chain
+    order = [chain.index(v) for v in phantom.levels]
+    assert np.all(np.diff(order) == 1)  # consecutive, cranio-caudal
+    z = [centroids_mm(phantom.vertebra_labels)[v][2] for v in phantom.levels]
+    assert np.all(np.diff(z) < 0), z  # superior first
+    # Most labelled voxels are bone.
+    assert np.mean(ct[labels > 0] > 100) > 0.7
+    # Each vertebra is a single 26-connected component.
+    for value in present:
+        _, count = ndimage.label(labels == value, structure=np.ones((3, 3, 3)))
+        assert count == 1, (value, count)
+    # The binary mask is exactly the vertebrae without the sacrum.
+    expected = np.isin(labels, list(range(1, 26)) + [28])
+    assert np.array_equal(mask.astype(bool), expected)
+    assert mask.dtype == np.uint8 and labels.dtype == np.uint8 and ct.dtype == np.int16
+
+
+def test_discs_are_unlabelled_soft_tissue(lumbar):
+    ct, labels, _, tissue = arrays(lumbar)
+    centres = lumbar.params["vertebra_centres_mm"]
+    checked = 0
+    for upper, lower in zip(lumbar.levels[:-1], lumbar.levels[1:]):
+        if SACRUM_ID in (upper, lower):
+            continue
+        midpoint = 0.5 * (np.array(centres[str(upper)]) + np.array(centres[str(lower)]))
+        i, j, k = world_to_index(lumbar.ct, midpoint)
+        assert labels[k, j, i] == 0
+        assert ct[k, j, i] < 200
+        assert tissue[k, j, i] == TISSUE_CODES["disc"]
+        checked += 1
+    assert checked >= 4
+    disc = tissue == TISSUE_CODES["disc"]
+    assert disc.sum() > 50 and not np.any(labels[disc]) and np.all(ct[disc] < 200)
+
+
+def test_ribs_and_pelvis_are_unlabelled_bone():
+    phantom = generate_phantom(8, first_level="T9", last_level="S", spacing_mm=(3.0, 3.0, 3.0), field_of_view="torso")
+    ct, labels, mask, tissue = arrays(phantom)
+    for name in ("rib", "pelvis"):
+        voxels = (tissue == TISSUE_CODES[name]) & (mask == 0)
+        assert voxels.sum() > 100, name
+        assert not np.any(labels[voxels]), name
+        assert np.median(ct[voxels]) > 300, name
+    sacrum = labels == SACRUM_ID
+    assert sacrum.sum() > 100 and not np.any(mask[sacrum])
+
+
+def test_grid_changes_keep_the_anatomy_in_place():
+    kwargs = dict(first_level="T11", last_level="L3", field_of_view="spine", **CLEAN)
+    reference = generate_phantom(21, spacing_mm=(3.0, 3.0, 3.0), **kwargs)
+    permuted_flipped = [0, 0, -1, 1, 0, 0, 0, -1, 0]  # i -> +y, j -> -z, k -> -x
+    angle = np.radians(25.0)
+    oblique = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    oblique = oblique @ np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    reference_centroids = centroids_mm(reference.vertebra_labels)
+    for spacing, direction in (((2.5, 3.5, 4.0), None), ((3.0, 2.0, 3.5), permuted_flipped), ((3.0, 3.0, 3.0), oblique.reshape(-1))):
+        other = generate_phantom(21, spacing_mm=spacing, direction=direction, **kwargs)
+        assert np.allclose(other.ct.GetSpacing(), spacing)
+        expected_direction = np.eye(3).reshape(-1) if direction is None else np.asarray(direction, dtype=float)
+        assert np.allclose(other.ct.GetDirection(), expected_direction)
+        assert other.vertebra_labels.GetDirection() == other.ct.GetDirection()
+        assert other.spine_mask.GetSize() == other.ct.GetSize()
+        moved = centroids_mm(other.vertebra_labels)
+        assert sorted(moved) == sorted(reference_centroids)
+        tolerance = 1.5 * max(max(spacing), 3.0)
+        for value, centre in reference_centroids.items():
+            assert np.linalg.norm(moved[value] - centre) < tolerance, (value, moved[value], centre)
+
+
+def test_osteoporosis_lowers_vertebral_body_density():
+    kwargs = dict(first_level="L1", last_level="L4", spacing_mm=(3.0, 3.0, 3.0), field_of_view="slab", **CLEAN)
+    healthy = generate_phantom(9, osteoporosis=0.0, **kwargs)
+    porotic = generate_phantom(9, osteoporosis=1.0, **kwargs)
+    ct_h, labels_h = arrays(healthy)[:2]
+    ct_p, labels_p = arrays(porotic)[:2]
+    assert np.array_equal(labels_h, labels_p)
+    assert ct_p[labels_p > 0].mean() < ct_h[labels_h > 0].mean() - 40
+
+
+def test_screws_are_metal_dense():
+    kwargs = dict(first_level="L1", last_level="L4", spacing_mm=(3.0, 3.0, 3.0), field_of_view="spine")
+    with_screws = generate_phantom(12, screws=["L2", "L3"], **kwargs)
+    without = generate_phantom(12, screws=False, **kwargs)
+    assert (arrays(with_screws)[0] > 2000).sum() > 10
+    assert with_screws.params["screws"] == [21, 22]
+    assert (arrays(without)[0] > 2000).sum() == 0
+
+
+def test_fracture_lowers_the_body():
+    kwargs = dict(first_level="L1", last_level="L3", spacing_mm=(3.0, 3.0, 3.0), field_of_view="slab", **CLEAN)
+    intact = generate_phantom(14, fracture_level="none", **kwargs)
+    broken = generate_phantom(14, fracture_level="L2", fracture_severity=0.5, **kwargs)
+    count = lambda phantom: int((arrays(phantom)[1] == 21).sum())  # noqa: E731
+    assert count(broken) < 0.9 * count(intact)
+    assert broken.params["fracture_level"] == 21
+
+
+def test_slab_is_narrow_and_torso_is_wide():
+    kwargs = dict(first_level="T12", last_level="L3", spacing_mm=(4.0, 4.0, 4.0))
+    slab = generate_phantom(16, field_of_view="slab", **kwargs)
+    torso = generate_phantom(16, field_of_view="torso", **kwargs)
+    width = lambda phantom: phantom.ct.GetSize()[0] * phantom.ct.GetSpacing()[0]  # noqa: E731
+    assert width(slab) <= 100 + 2 * 4.0
+    assert width(torso) > 250
+    assert arrays(slab)[1].any()
+
+
+def test_contrast_makes_the_aorta_bright_and_unlabelled():
+    kwargs = dict(first_level="T12", last_level="L3", spacing_mm=(3.0, 3.0, 3.0), field_of_view="spine", **CLEAN)
+    ct, labels, _, tissue = arrays(generate_phantom(17, contrast=True, **kwargs))
+    blood = tissue == TISSUE_CODES["blood"]
+    aorta = blood & (ct > 240)  # the aorta; the vena cava enhances less
+    assert aorta.sum() > 50 and not labels[blood].any()
+    ct_plain, _, _, tissue_plain = arrays(generate_phantom(17, contrast=False, **kwargs))
+    assert np.all(ct_plain[tissue_plain == TISSUE_CODES["blood"]] < 100)
+
+
+def test_invalid_grid_raises_geometry_error():
+    with pytest.raises(SegmentationError) as error:
+        generate_phantom(0, spacing_mm=(0.1, 2.0, 2.0))
+    assert error.value.code == "input_geometry"
+    with pytest.raises(SegmentationError):
+        generate_phantom(0, direction=[1, 0, 0, 0, 2, 0, 0, 0, 1])
+    with pytest.raises(ValueError):
+        generate_phantom(0, first_level="L3", last_level="L1")

@@ -1,0 +1,35 @@
+"""The benchmark runs each variant in a child process and compares masks and times."""
+from __future__ import annotations
+
+import SimpleITK as sitk
+
+from SpineContextSegLib.bench import repository_tile_starts
+
+from conftest import make_ct_image
+
+
+def test_repository_tile_rule_matches_the_authors_counts():
+    # n = 400, patch 128, overlap 0.5: 7 positions (the last overhangs); 64-deep axis: 13
+    assert len(repository_tile_starts(400, 128, 0.5)) == 7
+    assert len(repository_tile_starts(400, 64, 0.5)) == 13
+    assert max(repository_tile_starts(400, 128, 0.5)) + 128 > 400  # overhanging tile
+
+
+def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_model_dir, capsys):
+    from SpineContextSegLib.cli import main
+
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(size=(40, 36, 30)), str(ct))
+    status = main(["bench", "--cases", str(ct), "--variants", "reference,default,onnxruntime-fp32", "--model", tiny_model_dir,
+                   "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "bench.md")])
+    assert status == 0
+    table = (tmp_path / "bench.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ct.nii.gz")]
+    assert [row.split("|")[2].strip() for row in rows] == ["reference", "default", "onnxruntime-fp32"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[9]) > 0  # total seconds
+        assert cells[11].endswith("x")  # speed-up vs reference
+        # the tiny model calls everything foreground, so every variant agrees with the reference
+        assert float(cells[13]) > 0.95
+    assert [c.strip() for c in rows[0].strip("|").split("|")][12] == "-"  # no 1 mm reference in this run

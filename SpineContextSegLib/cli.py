@@ -31,7 +31,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (model.onnx + model.json); default: the bundled model")
     parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "openvino", "torch"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="bf16: OpenVINO/torch on CPUs with AVX512-BF16/AMX; fp16: torch on CUDA")
+    parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 with OpenVINO on CPUs with AVX512-BF16/AMX, else fp32; fp16: torch on CUDA")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores but one)")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
@@ -60,6 +60,7 @@ def _options_from_args(args: argparse.Namespace):
         threshold=args.threshold,
         crop_to_body=not args.no_crop,
         cancel_file=args.cancel_file,
+        series_uid=args.series,
     )
 
 
@@ -80,9 +81,9 @@ def _case_stem(path: str) -> str:
 
 
 def _is_dicom_folder(path: str) -> bool:
-    import SimpleITK as sitk
+    from .imageio import dicom_series_ids
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(path))
+    return bool(dicom_series_ids(path))
 
 
 def _batch_inputs(path: str) -> Optional[List[str]]:
@@ -129,6 +130,8 @@ def _run_segment(args: argparse.Namespace, reporter, stop) -> int:
         _usage("INPUT is required (or --sample)")
     options = _options_from_args(args)
     batch = _batch_inputs(args.input)
+    if batch == [] and os.path.isdir(args.input):
+        raise SegmentationError("dicom_no_series", f"No DICOM series and no CT files in folder {args.input}. Point to the CT file or the folder holding its .dcm files.")
     if batch is None:
         output, stl, qc = args.output, args.stl, args.qc
         if os.path.isdir(output):

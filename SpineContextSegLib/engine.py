@@ -26,6 +26,23 @@ ENGINES = ("auto", "onnxruntime", "openvino", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            flags = handle.read()
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``bf16`` on CPUs that support it natively, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cpu" and cpu_supports_bf16() else "fp32"
+
+
 def default_threads() -> int:
     """Leave one core free for the user's viewer, as Slicer extensions recommend."""
     return max(1, (os.cpu_count() or 2) - 1) if (os.cpu_count() or 1) > 2 else (os.cpu_count() or 1)
@@ -43,6 +60,10 @@ class InferenceEngine:
 
     def describe(self) -> str:
         return f"{self.name} ({self.device}, {self.precision})"
+
+    def cpu_fallback(self) -> "Optional[InferenceEngine]":
+        """The same model on the CPU, to finish a run after the GPU ran out of memory; None if there is none."""
+        return None
 
 
 class OnnxRuntimeEngine(InferenceEngine):
@@ -71,6 +92,10 @@ class OnnxRuntimeEngine(InferenceEngine):
             raise SegmentationError("cuda_unavailable", "CUDA was requested but could not be initialised (driver or CUDA libraries missing). Use --device cpu.")
         check_model_io(self.session.get_inputs()[0].shape, onnx_path)
         self.input_name = self.session.get_inputs()[0].name
+        self.onnx_path, self.threads = onnx_path, threads
+
+    def cpu_fallback(self) -> "Optional[InferenceEngine]":
+        return OnnxRuntimeEngine(self.onnx_path, device="cpu", threads=self.threads) if self.device == "cuda" else None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -85,7 +110,10 @@ class OpenVinoEngine(InferenceEngine):
         except ImportError:
             raise SegmentationError("engine_missing", "OpenVINO is not installed: pip install openvino (or use --engine onnxruntime).") from None
         self.core = ov.Core()
-        self.model = self.core.read_model(onnx_path)
+        try:
+            self.model = self.core.read_model(onnx_path)
+        except Exception as error:  # OpenVINO raises RuntimeError with a multi-line dump
+            raise SegmentationError("model_incompatible", f"OpenVINO could not read {onnx_path}: {_short_message(error)}") from None
         check_model_io([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()], onnx_path)
         self.precision = precision
         self.config = {"INFERENCE_NUM_THREADS": int(threads or default_threads()), "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
@@ -126,6 +154,15 @@ class TorchEngine(InferenceEngine):
         self.precision = "fp16" if self.device == "cuda" and precision != "fp32" else precision
         self.torch = torch
 
+    def cpu_fallback(self) -> "Optional[InferenceEngine]":
+        """This engine, moved to the CPU (fp32) for the rest of its life: the weights are already in memory."""
+        if self.device != "cuda":
+            return None
+        self.model = self.model.float().to("cpu")
+        self.device, self.precision = "cpu", "fp32"
+        self.torch.cuda.empty_cache()
+        return self
+
     def predict(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
@@ -139,12 +176,55 @@ class TorchEngine(InferenceEngine):
             return y.float().cpu().numpy()
 
 
+def _short_message(error: BaseException) -> str:
+    """The last non-empty line of an engine's multi-line error dump (where the reason is), at most 200 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+#: Substrings of the messages engines raise when memory runs out (CUDA, cuDNN, ONNX Runtime's arena, C++).
+_OUT_OF_MEMORY_TEXT = ("out of memory", "failed to allocate memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory", "bad_alloc", "cudnn_status_alloc_failed")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the out-of-memory errors of any engine (``MemoryError``, ``torch.cuda.OutOfMemoryError``, ORT's ``Fail``)."""
+    if isinstance(error, MemoryError) or "outofmemory" in type(error).__name__.lower():
+        return True
+    text = str(error).lower()
+    return any(fragment in text for fragment in _OUT_OF_MEMORY_TEXT)
+
+
+def cpu_engine_after_failure(engine: InferenceEngine, error: BaseException) -> Optional[InferenceEngine]:
+    """What to do when ``engine.predict`` raised ``error``.
+
+    Returns the engine to retry on (the CPU) after a GPU out-of-memory error; None when
+    ``error`` is not about memory (the caller re-raises it); raises ``out_of_memory`` when
+    memory ran out with no CPU to fall back to.
+    """
+    if not is_out_of_memory(error):
+        return None
+    fallback = engine.cpu_fallback() if engine.device != "cpu" else None
+    if fallback is None:
+        where = "the GPU" if engine.device != "cpu" else "this machine"
+        raise SegmentationError("out_of_memory", f"The network ran out of memory on {where}. Close other programs, lower --batch-size, or crop the CT.")
+    return fallback
+
+
 def check_model_io(input_shape, onnx_path: str) -> None:
     if len(input_shape) != 5 or input_shape[1] != 1:
         raise SegmentationError(
             "model_incompatible",
             f"{onnx_path} expects input shape {list(input_shape)}; SpineContextSeg models take one CT channel (N, 1, D, H, W).",
         )
+
+
+def onnxruntime_has_cuda() -> bool:
+    """Whether ONNX Runtime was built with CUDA (cheap: no session is created)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 def create_engine(
@@ -156,24 +236,17 @@ def create_engine(
     if device not in DEVICES:
         raise SegmentationError("cuda_unavailable", f"Unknown device {device!r}; choose auto, cpu or cuda.")
     if engine == "torch":
-        return TorchEngine(bundle, device=device, threads=threads, precision=precision)
+        return TorchEngine(bundle, device=device, threads=threads, precision=precision if precision != "auto" else "fp32")
     if engine == "openvino":
         if device == "cuda":
             raise SegmentationError("cuda_unavailable", "The OpenVINO engine runs on the CPU; use --engine onnxruntime or torch for CUDA.")
-        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=precision)
+        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=resolve_precision(precision, "cpu"))
     if engine == "auto":
-        if device != "cpu":
-            try:
-                gpu_engine = OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)
-            except SegmentationError as error:
-                if error.code != "engine_missing":
-                    raise
-            else:
-                if gpu_engine.device == "cuda" or device == "cuda":
-                    return gpu_engine
+        if device == "cuda" or (device == "auto" and onnxruntime_has_cuda()):
+            return OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)
         try:
             import openvino  # noqa: F401
         except ImportError:
             return OnnxRuntimeEngine(bundle.onnx_path, device="cpu", threads=threads)
-        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=precision)
+        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=resolve_precision(precision, "cpu"))
     return OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)

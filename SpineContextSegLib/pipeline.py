@@ -42,6 +42,7 @@ class SegmentOptions:
     min_spine_ml: float = 5.0
     fill_holes: bool = True
     cancel_file: Optional[str] = None
+    series_uid: Optional[str] = None  # DICOM SeriesInstanceUID when a folder holds several series
 
 
 @dataclasses.dataclass
@@ -121,6 +122,9 @@ def segment_image(
         raise SegmentationError("model_incompatible", f"This version segments the whole spine; the model's task is {card.task!r}.")
 
     stop()
+    from .imageio import check_segmentation_memory
+
+    check_segmentation_memory(image, card.spacing_mm)  # refuse before resampling, never be killed by the OS
     canonical = timer.run("preprocess", to_canonical, image, card.spacing_mm, method="linear")
     hu = sitk.GetArrayViewFromImage(canonical)
     box = body_bounding_box(hu) if options.crop_to_body else tuple(slice(0, n) for n in hu.shape)
@@ -133,8 +137,19 @@ def segment_image(
     network_seconds = [0.0]
 
     def timed_predict(batch: np.ndarray) -> np.ndarray:
+        nonlocal engine
         start = time.perf_counter()
-        out = engine.predict(batch)
+        try:
+            out = engine.predict(batch)
+        except Exception as error:
+            from .engine import cpu_engine_after_failure
+
+            fallback = cpu_engine_after_failure(engine, error)  # GPU out of memory -> the CPU; else re-raise
+            if fallback is None:
+                raise
+            reporter.warning("gpu_out_of_memory", f"The GPU ran out of memory; continuing on the CPU ({fallback.describe()}), which is slower.")
+            engine = fallback
+            out = engine.predict(batch)
         network_seconds[0] += time.perf_counter() - start
         return out
 
@@ -202,7 +217,7 @@ def segment_file(
     Outputs are checked for writability before any computing; the input is only read.
     """
     from .fileio import check_output_location
-    from .imageio import read_image, write_labelmap
+    from .imageio import check_labelmap_path, read_image, write_labelmap
 
     options = options or SegmentOptions()
     reporter = reporter or ProgressReporter()
@@ -212,9 +227,10 @@ def segment_file(
         if os.path.exists(input_path) and os.path.exists(path) and os.path.samefile(path, input_path):
             raise SegmentationError("output_is_input", f"Output {path} is the input file; the input is never overwritten. Choose another name.")
         check_output_location(path)
+    check_labelmap_path(output_path)  # a wrong extension fails now, not after the network ran
     start_total = time.perf_counter()
     timer = _StageTimer(reporter)
-    image = timer.run("read", read_image, input_path, reporter=reporter)
+    image = timer.run("read", read_image, input_path, series_uid=options.series_uid, reporter=reporter)
     if bundle is None or engine is None:
         bundle, engine = load_model_and_engine(options)
     if not bundle.card.trained:

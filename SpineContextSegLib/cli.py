@@ -293,7 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def on_signal(signum, frame):  # stop cleanly between tiles
         stop.signal_received = True
 
-    signal.signal(signal.SIGTERM, on_signal)
+    if args.command == "segment":  # other commands keep the default: SIGTERM ends them at once
+        signal.signal(signal.SIGTERM, on_signal)
     if hasattr(reporter, "started"):
         reporter.started(command=args.command)
     try:

@@ -45,6 +45,7 @@ class TrainConfig:
     iterations_per_epoch: int = 100
     plateau_patience: int = 5
     foreground_fraction: float = 0.7
+    slab_probability: float = 0.2  # patches cut to a thin slab (few axial slices, or a narrow sagittal reformat)
     architecture: str = "SpineContextResUNet"
     architecture_kwargs: Dict[str, object] = dataclasses.field(default_factory=dict)
     hu_window: Tuple[float, float] = (-1000.0, 2000.0)
@@ -142,6 +143,25 @@ def sample_centre(volume: TrainingVolume, rng: np.random.Generator, foreground_f
     if len(volume.foreground) and rng.random() < foreground_fraction:
         return volume.foreground[rng.integers(len(volume.foreground))]
     return np.array([rng.integers(n) for n in volume.image.shape])
+
+
+def cut_to_slab(image: np.ndarray, weight: np.ndarray, rng: np.random.Generator, spacing_mm: float) -> None:
+    """Keep only a 20-60 mm slab of the patch (in place); the rest becomes air and unsupervised.
+
+    Real scans are often thin: a 20-slice PET/CT stack, an 80 mm-wide sagittal VerSe reformat.
+    Without this the network only ever sees full-depth context and fails on them.
+    """
+    axis = int(rng.choice([0, 2]))  # numpy axis 0 = superior-inferior, 2 = left-right
+    size = image.shape[axis]
+    width = int(rng.integers(int(20 / spacing_mm), int(60 / spacing_mm) + 1))
+    centre = size // 2 + int(rng.integers(-size // 6, size // 6 + 1))
+    low, high = max(0, centre - width // 2), min(size, centre + (width + 1) // 2)
+    outside = np.ones(size, dtype=bool)
+    outside[low:high] = False
+    index = [slice(None)] * 3
+    index[axis] = outside
+    image[tuple(index)] = AIR_UNIT
+    weight[tuple(index)] = 0
 
 
 def masked_bce_dice_loss(logits, target, weight):
@@ -263,6 +283,8 @@ class Trainer:
             pool = self.phantoms if use_phantom else self.real
             volume = pool[self.rng.integers(len(pool))]
             image, label, weight = extract_region(volume, sample_centre(volume, self.rng, config.foreground_fraction), source)
+            if self.rng.random() < config.slab_probability:
+                cut_to_slab(image, weight, self.rng, config.spacing_mm)
             images.append(image)
             labels.append(label)
             weights.append(weight)
@@ -465,6 +487,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=int, default=d.phantoms, help="synthetic phantom volumes in the training pool")
     parser.add_argument("--phantom-fraction", type=float, default=d.phantom_fraction)
     parser.add_argument("--phantom-refresh", type=int, default=d.phantom_refresh)
+    parser.add_argument("--slab-probability", type=float, default=d.slab_probability, help="share of patches cut to a thin slab")
     parser.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     parser.add_argument("--validation-phantoms", type=int, default=d.validation_phantoms)
     parser.add_argument("--spacing", type=float, default=d.spacing_mm, help="training grid spacing, mm (isotropic)")
@@ -499,6 +522,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         phantoms=args.phantoms,
         phantom_fraction=args.phantom_fraction,
         phantom_refresh=args.phantom_refresh,
+        slab_probability=args.slab_probability,
         validation_fraction=args.validation_fraction,
         validation_phantoms=args.validation_phantoms,
         spacing_mm=args.spacing,

@@ -25,7 +25,8 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="mask file (.nii.gz, .nii, .nrrd, .seg.nrrd), or a folder (batch, --sample)")
     parser.add_argument("--sample", action="store_true", help="segment the bundled sample CT (abdomen/pelvis, 3 mm)")
     parser.add_argument("--stl", help="also write the surface as binary STL (LPS, mm); with a folder output: write <case>_spine.stl")
-    parser.add_argument("--stl-per-label", action="store_true", help="one STL per label (<stem>_<name>.stl)")
+    parser.add_argument("--stl-per-label", action="store_true", help="one STL per label (<stem>_<name>.stl, e.g. spine_L4.stl)")
+    parser.add_argument("--task", default="spine", choices=("spine", "vertebrae"), help="vertebrae: one label per vertebra (VerSe ids), named C1..L5, Sacrum")
     parser.add_argument("--qc", help="also write a QC picture (PNG, sagittal + coronal with the mask outline)")
     parser.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd", ".seg.nrrd"), help="mask format when -o is a folder")
     parser.add_argument("--model", help="model folder (model.onnx + model.json); default: the bundled model")
@@ -59,6 +60,7 @@ def _options_from_args(args: argparse.Namespace):
         batch_size=max(1, args.batch_size),
         threshold=args.threshold,
         crop_to_body=not args.no_crop,
+        task=args.task,
         cancel_file=args.cancel_file,
         series_uid=args.series,
     )

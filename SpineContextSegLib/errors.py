@@ -77,6 +77,11 @@ WARNING_CODES: Dict[str, ErrorKind] = {
         "Check the result; re-export the CT in Hounsfield units (DICOM RescaleIntercept applied) to silence it.",
     ),
     "model_untrained": ErrorKind(EXIT_OK, "The model has random weights (a test placeholder).", "Install or pass a trained model (--model DIR); the mask is not a spine."),
+    "vertebra_names_uncertain": ErrorKind(
+        EXIT_OK,
+        "--task vertebrae: no anatomical anchor (sacrum, ribs, skull base) is in the field of view, so names come from vertebra size alone.",
+        "Check the names against the anatomy; a field of view that includes the sacrum or the lowest ribs names them reliably.",
+    ),
     "gpu_out_of_memory": ErrorKind(EXIT_OK, "The GPU ran out of memory; the run went on, on the CPU (slower).", "Nothing; to stay on the GPU, close other GPU programs or lower --batch-size."),
 }
 

@@ -42,6 +42,7 @@ class SegmentOptions:
     min_spine_ml: float = 5.0
     fill_holes: bool = True
     cancel_file: Optional[str] = None
+    task: str = "spine"  # "vertebrae": split the spine mask into named vertebrae (VerSe ids)
     series_uid: Optional[str] = None  # DICOM SeriesInstanceUID when a folder holds several series
 
 
@@ -195,7 +196,28 @@ def segment_image(
         "overlap": overlap,
         **postprocess_info,
     }
-    return SegmentationResult(mask=mask, labels=labels_for_task(card.task), timings_s=timer.timings, info=info)
+    labels = labels_for_task(card.task)
+    if options.task == "vertebrae":
+        mask, labels = timer.run("label", _name_vertebrae, mask, image, reporter, info)
+    elif options.task != "spine":
+        raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
+    return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)
+
+
+def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object]):
+    """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebrae.py)."""
+    from .labels import vertebra_by_verse_id
+    from .vertebrae import label_vertebrae
+
+    labels_image, vertebra_info = label_vertebrae(mask, image)
+    info["vertebrae"] = vertebra_info
+    if vertebra_info.get("confidence", 0.0) < 0.5:
+        reporter.warning(
+            "vertebra_names_uncertain",
+            f"No anatomical anchor (sacrum, ribs, skull base) confirms the vertebra names (confidence {vertebra_info.get('confidence', 0.0):.2f}): "
+            f"they are a guess from vertebra size. Check them before use.",
+        )
+    return labels_image, [vertebra_by_verse_id(v) for v in vertebra_info["labels_present"]]
 
 
 def segment_file(

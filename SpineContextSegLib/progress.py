@@ -10,7 +10,7 @@ With ``--progress json`` every line on stdout is one JSON object with a ``type``
 ``error``     ``{"type": "error", "code": "input_unreadable", "message": "...", "exit_status": 10}``
 
 Stages, in order: ``read``, ``preprocess``, ``network``, ``stitch``, ``postprocess``,
-``write``, ``mesh``, ``qc``.  ``eta_s`` is the estimated seconds left in the current
+``label`` (``--task vertebrae`` only), ``write``, ``mesh``, ``qc``.  ``eta_s`` is the estimated seconds left in the current
 stage, or ``null`` when unknown. A cancelled run ends with an ``error`` line whose code
 is ``cancelled`` (cancel file) or ``terminated`` (signal).
 """
@@ -22,7 +22,7 @@ import sys
 import time
 from typing import IO, Any, Dict, Optional
 
-STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "write", "mesh", "qc")
+STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "label", "write", "mesh", "qc")
 
 
 def encode_message(message: Dict[str, Any]) -> str:

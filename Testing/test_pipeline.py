@@ -174,3 +174,28 @@ def test_output_equal_to_input_is_refused(tmp_path, bundle):
         segment_file(str(source), str(source), SegmentOptions(), bundle=bundle, engine=BoneThresholdEngine())
     assert error.value.code == "output_is_input"
     assert source.read_bytes() == before
+
+
+def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table():
+    from SpineContextSegLib.phantom import generate_phantom
+    from SpineContextSegLib.pipeline import _name_vertebrae
+    from SpineContextSegLib.progress import ProgressReporter
+
+    phantom = generate_phantom(21, first_level="L1", last_level="S", spacing_mm=(2.0, 2.0, 2.0), field_of_view="torso", noise_hu=10.0)
+    warnings = []
+
+    class Recorder(ProgressReporter):
+        def emit(self, message):
+            if message["type"] == "warning":
+                warnings.append(message["code"])
+
+    info = {}
+    labels_image, labels = _name_vertebrae(phantom.spine_mask, phantom.ct, Recorder(), info)
+    assert labels_image.GetSize() == phantom.ct.GetSize()
+    assert [label.name for label in labels] == ["L1", "L2", "L3", "L4", "L5"]
+    predicted = sitk.GetArrayFromImage(labels_image)
+    truth = sitk.GetArrayFromImage(phantom.vertebra_labels)
+    for label in labels:
+        overlap = np.logical_and(predicted == label.value, truth == label.value).sum()
+        assert overlap > 0.8 * (truth == label.value).sum()
+    assert "vertebrae" in info and warnings == []  # the sacrum anchors the names: no uncertainty warning

@@ -137,3 +137,18 @@ def test_patches_outside_the_volume_are_air_and_unsupervised():
     volume = TrainingVolume("v", "p", np.ones((10, 10, 10), np.float32), np.ones((10, 10, 10), np.uint8), np.ones((10, 10, 10), np.uint8), np.zeros((0, 3), np.int32))
     image, label, weight = extract_region(volume, (0, 0, 0), (8, 8, 8))
     assert image[:4].max() == 0 and weight[:4].max() == 0 and weight[4:, 4:, 4:].min() == 1
+
+
+def test_slab_cut_keeps_a_thin_supervised_slab_and_makes_the_rest_air():
+    from SpineContextSegLib.training import cut_to_slab
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        image = np.full((32, 32, 32), 0.5, np.float32)
+        weight = np.ones((32, 32, 32), np.uint8)
+        cut_to_slab(image, weight, rng, spacing_mm=2.0)
+        kept_axis0 = weight.any(axis=(1, 2)).sum()
+        kept_axis2 = weight.any(axis=(0, 1)).sum()
+        # one axis is cut to 20-60 mm (10-30 voxels at 2 mm), the others untouched
+        assert (10 <= kept_axis0 <= 30 and kept_axis2 == 32) or (10 <= kept_axis2 <= 30 and kept_axis0 == 32)
+        assert np.all(image[weight == 0] == 0.0) and np.all(image[weight == 1] == 0.5)

@@ -1,0 +1,376 @@
+"""Vertebra splitting and naming (SpineContextSegLib.vertebrae) on small synthetic spines.
+
+The synthetic spine lives on the canonical grid (numpy axis 0 inferior->superior, axis 1
+anterior->posterior, axis 2 right->left): elliptic vertebral bodies separated by discs
+(not in the mask), pedicles, a lamina, a spinous process pointing down and articular
+processes that touch those of the next vertebra (so the binary mask is one piece), and,
+as context in the CT only, ribs, a sacrum with alae or a skull base.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from SpineContextSegLib import vertebrae
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER
+
+BONE_HU, DISC_HU, SOFT_HU, CANAL_HU, AIR_HU = 300.0, 90.0, 40.0, 10.0, -1000.0
+
+
+def make_spine(levels, *, spacing=2.0, disc_mm=8.0, ribs=(), sacrum=False, skull=False, atlas=False, curve_mm=0.0, margin_below_mm=40.0, margin_above_mm=30.0, half_width_mm=None):
+    """A synthetic spine on the canonical grid.
+
+    Parameters
+    ----------
+    levels : list of (body_radius_mm, body_height_mm), top vertebra first
+        The body is an elliptic cylinder, ``radius`` deep (antero-posterior semi-axis)
+        and 1.25 ``radius`` wide.
+    ribs : indices (0 = top) of vertebrae with a rib on both sides
+    sacrum : a sacrum with alae below the lowest vertebra (CT only)
+    skull : a skull base above the top vertebra (CT only)
+    atlas : the top vertebra is C2 with a dens and the C1 ring around it
+    curve_mm : antero-posterior offset of the column, a half sine over its length (lordosis)
+
+    Returns
+    -------
+    ct : (D, H, W) float32 HU
+    mask : (D, H, W) bool, the vertebrae
+    truth : (D, H, W) int, 1 = top vertebra ... (with ``atlas``: 1 = C1 ring, 2 = C2, ...)
+    """
+    heights = [h for _, h in levels]
+    radii = [r for r, _ in levels]
+    column_mm = sum(heights) + disc_mm * (len(levels) - 1)
+    extra_above = 28.0 if atlas else 0.0  # dens and atlas ring above the C2 body
+    below = margin_below_mm + (45.0 if sacrum else 0.0)
+    above = margin_above_mm + extra_above + (50.0 if skull else 0.0)
+    depth_mm = below + column_mm + above
+    r_max = max(radii)
+    half_width = half_width_mm or (1.25 * r_max + 75.0)
+    shape = (int(round(depth_mm / spacing)), int(round((5.0 * r_max + 60.0) / spacing)), int(round(2 * half_width / spacing)))
+    z, y, x = np.meshgrid(*(np.arange(n) * spacing for n in shape), indexing="ij")
+    cx = half_width
+    ct = np.full(shape, AIR_HU, dtype=np.float32)
+    body_outline = ((y - (20.0 + 2.5 * r_max)) / (2.5 * r_max + 25.0)) ** 2 + ((x - cx) / (half_width - 5.0)) ** 2 <= 1.0
+    ct[body_outline] = SOFT_HU
+    truth = np.zeros(shape, dtype=np.int32)
+
+    def box(z0, z1, y0, y1, x0, x1):
+        return (z >= min(z0, z1)) & (z <= max(z0, z1)) & (y >= min(y0, y1)) & (y <= max(y0, y1)) & (x >= min(x0, x1)) & (x <= max(x0, x1))
+
+    top = below + column_mm
+    z_top = top
+    label_offset = 1 if atlas else 0
+    for index, (radius, height) in enumerate(levels):
+        z_hi = z_top
+        z_lo = z_hi - height
+        z_mid = 0.5 * (z_lo + z_hi)
+        cy = 20.0 + radius + curve_mm * np.sin(np.pi * (z_mid - below) / max(column_mm, 1.0))
+        value = index + 1 + label_offset
+        body = (((y - cy) / radius) ** 2 + ((x - cx) / (1.25 * radius)) ** 2 <= 1.0) & (z >= z_lo) & (z <= z_hi)
+        pedicle_half = max(2.5, 0.2 * radius)
+        posterior = np.zeros(shape, dtype=bool)
+        for side in (-1.0, 1.0):
+            px = cx + side * 0.6 * radius
+            posterior |= box(z_mid, z_hi - 2.0, cy + 0.7 * radius, cy + 1.9 * radius, px - pedicle_half, px + pedicle_half)  # pedicle
+            # articular processes: the inferior one reaches down to the middle of the disc below
+            posterior |= box(z_lo - 0.5 * disc_mm, z_mid, cy + 1.6 * radius, cy + 2.0 * radius, px - pedicle_half, px + pedicle_half)
+            # the superior one reaches up to the middle of the disc above
+            if index > 0 or atlas:
+                posterior |= box(z_mid, z_hi + 0.5 * disc_mm, cy + 1.6 * radius, cy + 2.0 * radius, px - pedicle_half, px + pedicle_half)
+        posterior |= box(z_lo + 0.25 * height, z_hi - 2.0, cy + 1.9 * radius, cy + 2.3 * radius, cx - 0.7 * radius, cx + 0.7 * radius)  # lamina
+        posterior |= box(z_lo - 0.3 * height, z_mid, cy + 2.3 * radius, cy + 3.3 * radius, cx - 2.5, cx + 2.5)  # spinous process
+        canal = (((y - (cy + 1.35 * radius)) / (0.55 * radius)) ** 2 + ((x - cx) / (0.55 * radius)) ** 2 <= 1.0) & (z >= z_lo - disc_mm) & (z <= z_hi)
+        vertebra = (body | posterior) & ~canal & (truth == 0)
+        truth[vertebra] = value
+        ct[vertebra] = BONE_HU
+        ct[canal & (truth == 0)] = CANAL_HU
+        if index in ribs:
+            for side in (-1.0, 1.0):
+                start = cx + side * (1.25 * radius + 2.0)
+                rib = box(z_mid - 3.0, z_mid + 3.0, cy + 0.1 * radius, cy + 0.1 * radius + 6.0, start, start + side * 60.0)
+                ct[rib & (truth == 0)] = BONE_HU
+        if index + 1 < len(levels):
+            disc = (((y - cy) / radius) ** 2 + ((x - cx) / (1.25 * radius)) ** 2 <= 1.0) & (z < z_lo) & (z > z_lo - disc_mm) & (truth == 0)
+            ct[disc] = DISC_HU
+        if index == 0 and atlas:
+            # C2's dens above its body, the C1 ring around it, lateral masses on C2's shoulders
+            dens = ((y - cy) ** 2 + (x - cx) ** 2 <= 5.0 ** 2) & (z > z_hi) & (z <= z_hi + 16.0)
+            distance = np.sqrt((y - cy) ** 2 + (x - cx) ** 2)
+            ring = (distance >= 7.0) & (distance <= 16.0) & (z >= z_hi + 5.0) & (z <= z_hi + 15.0)
+            masses = (np.abs(x - cx) >= 9.0) & (np.abs(x - cx) <= 15.0) & (np.abs(y - cy) <= 5.0) & (z > z_hi) & (z < z_hi + 5.0)
+            truth[dens & (truth == 0)] = value
+            truth[(ring | masses) & (truth == 0)] = 1
+            ct[dens | ring | masses] = BONE_HU
+        z_top = z_lo - disc_mm
+    lowest_cy = 20.0 + radii[-1]
+    if sacrum:
+        s_hi = below - disc_mm - 2.0
+        radius = radii[-1]
+        s1 = (((y - lowest_cy) / radius) ** 2 + ((x - cx) / (1.25 * radius)) ** 2 <= 1.0) & (z <= s_hi) & (z >= s_hi - 40.0)
+        alae = box(s_hi - 30.0, s_hi - 2.0, lowest_cy - 0.3 * radius, lowest_cy + radius, cx - 55.0, cx + 55.0)
+        ct[(s1 | alae) & (truth == 0)] = BONE_HU
+    if skull:
+        s_lo = top + extra_above + 6.0
+        ct[box(s_lo, s_lo + 40.0, 10.0, 10.0 + 5.0 * r_max + 30.0, cx - 60.0, cx + 60.0) & (truth == 0)] = 600.0
+    return ct, truth > 0, truth
+
+
+LUMBAR = [(15.0, 26.0)] * 5
+
+
+def _purity(labels, truth):
+    """For each true vertebra, the share of its voxels in its majority label; and that label."""
+    result = {}
+    for value in np.unique(truth[truth > 0]):
+        found = labels[truth == value]
+        found = found[found > 0]
+        counts = np.bincount(found) if found.size else np.zeros(1, dtype=int)
+        result[int(value)] = (int(np.argmax(counts)), float(counts.max()) / float((truth == value).sum()))
+    return result
+
+
+def _assert_anatomical(labels):
+    """Labels ordered cranio-caudally in space, consecutive in the chain, each one piece."""
+    present = sorted((v for v in np.unique(labels) if v > 0), key=CRANIO_CAUDAL_ORDER.index)
+    centroids = ndimage.center_of_mass(np.ones(labels.shape), labels, present)
+    heights = [c[0] for c in centroids]
+    assert heights == sorted(heights, reverse=True), f"labels {present} are not ordered top to bottom: {heights}"
+    chain = [v for v in CRANIO_CAUDAL_ORDER if v not in (25, 28) or v in present]  # L6, T13 only when used
+    positions = [chain.index(v) for v in present]
+    assert positions == list(range(positions[0], positions[0] + len(positions))), f"gap in {present}"
+    for value in present:
+        assert ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1] == 1, f"label {value} is in several pieces"
+
+
+# ------------------------------------------------------------------------------------ pieces
+def test_grow_labels_cuts_a_dumbbell_at_its_neck():
+    region = np.zeros((1, 9, 31), dtype=bool)
+    region[0, :, :12] = True
+    region[0, 3:6, 12:19] = True  # the neck, off-centre of the two seeds' midpoint
+    region[0, :, 19:] = True
+    seeds = np.zeros(region.shape, dtype=np.int32)
+    seeds[0, 4, 2] = 1
+    seeds[0, 4, 30] = 2
+    depth = ndimage.distance_transform_edt(np.pad(region, ((1, 1), (0, 0), (0, 0))))[1:-1]
+    grown = vertebrae.grow_labels(seeds, region, -depth, levels=8)
+    assert set(np.unique(grown[region])) == {1, 2}
+    assert (grown[0, :, :12] == 1).all() and (grown[0, :, 19:] == 2).all()
+    assert (grown[~region] == 0).all()
+
+
+def test_keep_largest_pieces_moves_a_stray_piece_to_its_neighbour():
+    labels = np.zeros((1, 5, 14), dtype=np.int32)
+    labels[0, :, :5] = 1
+    labels[0, :, 5:10] = 2
+    labels[0, 2, 10] = 1  # a stray piece of 1 that touches only label 2
+    labels[0, 2, 13] = 1  # a stray piece of 1 that touches nothing
+    fixed, removed = vertebrae.keep_largest_pieces(labels)
+    assert fixed[0, 2, 10] == 2
+    assert fixed[0, 2, 13] == 0 and removed == 1
+    assert (fixed[0, :, :5] == 1).all() and (fixed[0, :, 5:10] == 2).all()
+    for value in (1, 2):
+        assert ndimage.label(fixed == value, structure=np.ones((3, 3, 3)))[1] == 1
+
+
+def test_find_disc_levels_keeps_the_deeper_of_two_close_minima():
+    arc = np.arange(0.0, 120.0, 1.0)
+    occupancy = np.ones_like(arc)
+    for centre, floor in ((30.0, 0.0), (36.0, 0.4), (70.0, 0.05)):  # 36: a dip inside a vertebra
+        occupancy[np.abs(arc - centre) <= 2] = floor
+    occupancy[:5] = 0.0
+    occupancy[-5:] = 0.0
+    profile = vertebrae.BodyProfile(arc + 0.5, occupancy, np.full_like(arc, 15.0))
+    discs, start, end = vertebrae.find_disc_levels(profile)
+    assert np.allclose(discs, [30.5, 70.5], atol=1.0)
+    assert start == pytest.approx(5.5, abs=1.0) and end == pytest.approx(114.5, abs=1.0)
+
+
+# ------------------------------------------------------------------------------------ split
+@pytest.mark.parametrize("curve_mm", [0.0, 14.0])
+def test_split_separates_every_vertebra_in_order(curve_mm):
+    ct, mask, truth = make_spine(LUMBAR, curve_mm=curve_mm)
+    if curve_mm == 0.0:
+        assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 1  # articular processes touch
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    assert instances.max() == 5
+    assert ((instances > 0) == mask).all()
+    purity = _purity(instances, truth)
+    # instance k is true vertebra k (top first), each holds >= 90 % of it, no two merged
+    assert [purity[v][0] for v in range(1, 6)] == [1, 2, 3, 4, 5]
+    assert min(share for _, share in purity.values()) >= 0.9
+    for value in range(1, 6):
+        assert ndimage.label(instances == value, structure=np.ones((3, 3, 3)))[1] == 1
+
+
+def test_split_gives_the_spinous_process_to_its_own_vertebra():
+    ct, mask, truth = make_spine(LUMBAR)
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    # the spinous process points down, level with the next vertebra's body
+    _, y, _ = np.nonzero(truth)
+    far_back = np.zeros_like(mask)
+    far_back[:, int(np.percentile(y, 97)) :, :] = True
+    for value in range(1, 6):
+        process = (truth == value) & far_back
+        assert process.any()
+        assert np.mean(instances[process] == value) >= 0.95
+
+
+def test_split_finds_a_disc_that_osteophytes_partly_bridge():
+    ct, mask, truth = make_spine(LUMBAR)
+    # make_spine's geometry (2 mm voxels): bodies 26 mm, discs 8 mm, 40 mm below the column,
+    # so the disc between vertebrae 2 and 3 spans z = 134-142 mm; body centre y = 35 mm,
+    # x = 93.75 mm. Bone fills that disc except a central core and a slot to its back.
+    z, y, x = (np.indices(mask.shape) * 2.0).astype(np.float32)
+    in_disc = (z > 134.0) & (z < 142.0) & (((y - 35.0) / 15.0) ** 2 + ((x - 93.75) / 18.75) ** 2 <= 1.0)
+    still_disc = ((y - 35.0) ** 2 + (x - 93.75) ** 2 <= 3.5**2) | ((y > 35.0) & (np.abs(x - 93.75) <= 2.0))
+    mask = mask | (in_disc & ~still_disc)
+    line = vertebrae.body_centreline(mask, 2.0)
+    profile = vertebrae.body_profile(mask, line, 2.0)
+    dip = profile.occupancy[(profile.arc_mm > 125.0) & (profile.arc_mm < 150.0)]
+    assert 0.7 <= np.nanmin(dip) <= 0.8  # a shallow dip, not a clear disc
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    assert instances.max() == 5
+    purity = _purity(instances, truth)
+    assert [purity[v][0] for v in range(1, 6)] == [1, 2, 3, 4, 5]
+    assert min(share for _, share in purity.values()) >= 0.9
+
+
+def test_split_raises_on_an_empty_mask():
+    with pytest.raises(SegmentationError) as error:
+        vertebrae.split_vertebrae(np.zeros((10, 10, 10), dtype=bool), None, 1.0)
+    assert error.value.code == "no_spine_found"
+
+
+# ------------------------------------------------------------------------------------ naming
+def test_naming_from_the_sacrum():
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True, curve_mm=10.0)
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert info["names"] == ["L1", "L2", "L3", "L4", "L5"]
+    assert info["anchors"]["bone_below"] and info["anchors"]["sacral_alae"]
+    assert "sacrum" in info["method"]
+    assert info["confidence"] > 0.5
+    assert [_purity(labels, truth)[v][0] for v in range(1, 6)] == [20, 21, 22, 23, 24]
+    _assert_anatomical(labels)
+
+
+def test_naming_from_the_ribs():
+    levels = [(13.5, 22.0), (14.0, 23.0), (15.0, 26.0), (15.0, 26.0)]
+    ct, mask, truth = make_spine(levels, ribs=(0, 1))
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert [_purity(labels, truth)[v][0] for v in range(1, 5)] == [18, 19, 20, 21]
+    assert [e["ribs"] for e in info["evidence"]] == [[True, True], [True, True], [False, False], [False, False]]
+    assert info["anchors"]["lowest_rib_vertebra"] == 2
+    assert info["names"] == ["T11", "T12", "L1", "L2"]
+    assert info["method"] == "ribs"
+    _assert_anatomical(labels)
+
+
+def test_naming_finds_a_sixth_lumbar_vertebra_between_ribs_and_sacrum():
+    levels = [(14.0, 23.0)] + [(15.0, 26.0)] * 6
+    ct, mask, _ = make_spine(levels, ribs=(0,), sacrum=True)
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert info["names"] == ["T12", "L1", "L2", "L3", "L4", "L5", "L6"]
+    assert info["chain"] == "L6"
+    _assert_anatomical(labels)
+
+
+def test_sacrum_outweighs_a_missing_rib_view_and_lumbar_ribs_are_not_invented():
+    # no ribs anywhere, sacrum below: the rib evidence must say "no rib" for every vertebra
+    ct, mask, _ = make_spine(LUMBAR, sacrum=True)
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    _, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert all(e["ribs"] == [False, False] for e in info["evidence"])
+    assert info["names"][-1] == "L5"
+
+
+def test_ribs_outside_the_field_of_view_are_unknown():
+    ct, mask, _ = make_spine(LUMBAR, half_width_mm=30.0)  # the scan ends just beside the bodies
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    _, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert all(e["ribs"] == [None, None] for e in info["evidence"])
+
+
+def test_naming_from_the_skull_splits_atlas_from_axis():
+    cervical = [(8.0, 14.0), (7.5, 13.0), (7.5, 13.0), (7.5, 13.0)]
+    ct, mask, truth = make_spine(cervical, spacing=1.0, disc_mm=5.0, atlas=True, skull=True)
+    instances, details = vertebrae.split_vertebrae(mask, ct, 1.0, return_details=True)
+    assert instances.max() == 4  # C1 has no body: it arrives together with C2
+    labels, info = vertebrae.name_vertebrae(instances, ct, 1.0, centreline=details["centreline"])
+    assert info["anchors"]["skull"]
+    assert info["names"] == ["C1", "C2", "C3", "C4", "C5"]
+    purity = _purity(labels, truth)
+    assert [purity[v][0] for v in range(1, 6)] == [1, 2, 3, 4, 5]
+    assert purity[1][1] >= 0.8 and purity[2][1] >= 0.9
+    _assert_anatomical(labels)
+
+
+def test_without_any_anchor_the_confidence_stays_low():
+    ct, mask, _ = make_spine([(15.0, 26.0)] * 3, margin_below_mm=0.0, margin_above_mm=0.0)  # cut at both ends
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert info["method"] == "body size only"
+    assert info["confidence"] < 0.5
+    assert len(info["names"]) == 3
+    _assert_anatomical(labels)
+
+
+# ------------------------------------------------------------------------------------ images
+def test_label_vertebrae_returns_verse_ids_on_the_input_grid():
+    sitk = pytest.importorskip("SimpleITK")
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True)
+    # store it as sagittal slabs (PIR), the way VerSe files come, with 2 x 1.5 x 1.5 mm voxels
+    def image(array, pixel):
+        img = sitk.GetImageFromArray(array.astype(pixel))
+        img.SetSpacing((2.0, 2.0, 2.0))
+        return img
+
+    ct_img = image(ct, np.float32)
+    pir = sitk.Image([int(ct.shape[1] * 2 / 1.5), int(ct.shape[0] * 2 / 1.5), int(ct.shape[2])], sitk.sitkFloat32)
+    pir.SetSpacing((1.5, 1.5, 2.0))
+    pir.SetDirection((0, 0, 1, 1, 0, 0, 0, -1, 0))  # i -> P, j -> I, k -> L
+    pir.SetOrigin((0.0, 0.0, (ct.shape[0] - 1) * 2.0))
+    ct_pir = sitk.Resample(ct_img, pir, sitk.Transform(), sitk.sitkLinear, -1000.0)
+    mask_pir = sitk.Resample(image(mask, np.uint8), pir, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    truth_pir = sitk.GetArrayFromImage(sitk.Resample(image(truth, np.uint8), pir, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+
+    labels_img, info = vertebrae.label_vertebrae(mask_pir, ct_pir)
+    assert labels_img.GetSize() == mask_pir.GetSize()
+    assert labels_img.GetDirection() == mask_pir.GetDirection()
+    assert labels_img.GetPixelID() == sitk.sitkUInt8
+    labels = sitk.GetArrayFromImage(labels_img)
+    assert ((labels > 0) == (sitk.GetArrayFromImage(mask_pir) > 0)).all()
+    assert info["names"] == ["L1", "L2", "L3", "L4", "L5"]
+    purity = _purity(labels, truth_pir)
+    assert [purity[v][0] for v in range(1, 6)] == [20, 21, 22, 23, 24]
+    assert min(share for _, share in purity.values()) >= 0.9
+    for value in range(20, 25):
+        assert ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1] == 1
+
+
+def test_label_vertebrae_can_add_the_sacrum_outside_the_mask():
+    sitk = pytest.importorskip("SimpleITK")
+    ct, mask, _ = make_spine(LUMBAR, sacrum=True)
+    ct_img = sitk.GetImageFromArray(ct)
+    ct_img.SetSpacing((2.0, 2.0, 2.0))
+    mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    mask_img.CopyInformation(ct_img)
+    labels_img, info = vertebrae.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=True)
+    labels = sitk.GetArrayFromImage(labels_img)
+    sacrum = labels == 26
+    assert info["sacrum_ml"] > 10.0 and sacrum.any()
+    assert not (sacrum & mask).any()
+    assert ndimage.center_of_mass(sacrum)[0] < ndimage.center_of_mass(labels == 24)[0]
+    _assert_anatomical(labels)
+
+
+def test_label_vertebrae_rejects_an_empty_mask():
+    sitk = pytest.importorskip("SimpleITK")
+    ct = sitk.Image([20, 20, 20], sitk.sitkFloat32)
+    with pytest.raises(SegmentationError) as error:
+        vertebrae.label_vertebrae(sitk.Image([20, 20, 20], sitk.sitkUInt8), ct)
+    assert error.value.code == "no_spine_found"

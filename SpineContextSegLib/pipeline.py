@@ -109,7 +109,7 @@ def segment_image(
 
     from .labels import labels_for_task
     from .postprocess import clean_probability
-    from .preprocessing import body_bounding_box, hu_to_unit_interval, resample_to_reference, to_canonical
+    from .preprocessing import body_bounding_box, hu_to_unit_interval, threshold_on_input_grid, to_canonical
     from .stitcher import sliding_window_inference
 
     options = options or SegmentOptions()
@@ -178,10 +178,7 @@ def segment_image(
         postprocess_info.update(info)
         probability_image = sitk.GetImageFromArray(cleaned)
         probability_image.CopyInformation(canonical)
-        # back onto exactly the input grid: linear on probabilities, then threshold
-        on_input = resample_to_reference(probability_image, image, method="linear", default_value=0.0, pixel_type=sitk.sitkFloat32)
-        mask = sitk.BinaryThreshold(on_input, lowerThreshold=float(threshold), upperThreshold=1e9, insideValue=1, outsideValue=0)
-        return sitk.Cast(mask, sitk.sitkUInt8)
+        return threshold_on_input_grid(probability_image, image, threshold)
 
     postprocess_info: Dict[str, object] = {}
     mask = timer.run("postprocess", postprocess)

@@ -119,3 +119,39 @@ def body_bounding_box(hu: np.ndarray, *, threshold_hu: float = -500.0, margin_vo
             return tuple(slice(0, n) for n in hu.shape)
         slices.append(slice(max(0, int(profile[0]) - margin_voxels), min(hu.shape[axis], int(profile[-1]) + 1 + margin_voxels)))
     return tuple(slices)
+
+
+def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", threshold: float) -> "sitk.Image":
+    """Resample a canonical-grid probability map linearly onto ``reference``'s exact grid and threshold it.
+
+    Only the part of the input grid that can receive probability is resampled (the bounding
+    box of non-zero probability, mapped through the input's direction cosines, plus one voxel);
+    the rest of the uint8 mask is 0. On a 512x512x400 CT this is ~10x less work than
+    resampling the whole grid.
+    """
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(probability)
+    nonzero = np.argwhere(array > 0)
+    mask = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    if nonzero.size:
+        low_kji, high_kji = nonzero.min(axis=0) - 1, nonzero.max(axis=0) + 1
+        corners = [
+            reference.TransformPhysicalPointToContinuousIndex(probability.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner[::-1]]))
+            for corner in itertools.product(*zip(low_kji, high_kji))
+        ]
+        corners_ijk = np.array(corners)
+        size_ijk = np.array(reference.GetSize())
+        low = np.clip(np.floor(corners_ijk.min(axis=0)).astype(int) - 1, 0, size_ijk)
+        high = np.clip(np.ceil(corners_ijk.max(axis=0)).astype(int) + 2, 0, size_ijk)
+        if np.all(high > low):
+            region = sitk.Image([int(v) for v in high - low], sitk.sitkUInt8)
+            region.SetSpacing(reference.GetSpacing())
+            region.SetDirection(reference.GetDirection())
+            region.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in low]))
+            on_region = resample_to_reference(probability, region, method="linear", default_value=0.0, pixel_type=sitk.sitkFloat32)
+            block = sitk.GetArrayViewFromImage(on_region) >= threshold
+            mask[low[2] : high[2], low[1] : high[1], low[0] : high[0]] = block
+    result = sitk.GetImageFromArray(mask)
+    result.CopyInformation(reference)
+    return result

@@ -9,7 +9,7 @@ explicit thread count; ONNX Runtime also gets one inter-op thread). Checked here
 CPU for ONNX Runtime, OpenVINO and torch, with fresh engines and in fresh processes. Not
 guaranteed, and not tested: a different thread count (the reduction order may change the
 last bits), and CUDA (onnxruntime-gpu and torch pick cuDNN algorithms at run time), see
-docs/troubleshooting.md.
+the README (Troubleshooting, Notes).
 """
 from __future__ import annotations
 

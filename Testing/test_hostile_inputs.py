@@ -458,10 +458,13 @@ def test_sigkill_at_a_random_moment_leaves_nothing_partial(tmp_path, tiny_model_
 
 
 # ----------------------------------------------------------------------------- documentation
-def test_troubleshooting_doc_is_generated_from_the_error_codes():
-    path = os.path.join(ROOT, "docs", "troubleshooting.md")
-    with open(path, encoding="utf-8") as handle:
-        assert handle.read() == troubleshooting_markdown(), "regenerate: python -m SpineContextSegLib.errors > docs/troubleshooting.md"
+def test_readme_troubleshooting_table_is_generated_from_the_error_codes():
+    from SpineContextSegLib.errors import README_BEGIN, README_END
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    block = readme.split(README_BEGIN + "\n", 1)[1].split(README_END, 1)[0]
+    assert block == troubleshooting_markdown(), "regenerate: python -m SpineContextSegLib.errors README.md"
     text = troubleshooting_markdown()
     for code, kind in ERROR_CODES.items():
         assert f"| `{code}` | {kind.exit_status} |" in text

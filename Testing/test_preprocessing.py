@@ -122,3 +122,29 @@ def test_body_bounding_box_excludes_air_and_keeps_a_margin():
     box = body_bounding_box(hu, margin_voxels=2)
     assert box == (slice(8, 22), slice(3, 32), slice(18, 32))
     assert body_bounding_box(np.full((5, 5, 5), -1000.0)) == (slice(0, 5),) * 3
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    angles=st.tuples(st.floats(-40, 40), st.floats(-40, 40), st.floats(-180, 180)),
+    flips=st.tuples(st.sampled_from([1, -1]), st.sampled_from([1, -1]), st.sampled_from([1, -1])),
+    spacing=st.tuples(st.floats(0.6, 2.0), st.floats(0.6, 2.0), st.floats(0.6, 4.0)),
+)
+def test_threshold_on_input_grid_equals_resampling_the_whole_grid(angles, flips, spacing):
+    """The bounding-box shortcut must give exactly the mask a full resampling gives."""
+    from SpineContextSegLib.preprocessing import threshold_on_input_grid
+
+    image = sitk.Image([30, 26, 22], sitk.sitkInt16)
+    image.SetSpacing(spacing)
+    image.SetDirection((rotation(angles) @ np.diag(flips)).ravel().tolist())
+    reference = canonical_reference(image, [2.0, 2.0, 2.0])
+    rng = np.random.default_rng(0)
+    probability = np.zeros(tuple(reversed(reference.GetSize())), np.float32)
+    k, j, i = (n // 2 for n in probability.shape)
+    probability[k - 3 : k + 4, j - 2 : j + 3, i - 4 : i + 2] = rng.random((7, 5, 6), dtype=np.float32)
+    probability_image = sitk.GetImageFromArray(probability)
+    probability_image.CopyInformation(reference)
+    fast = sitk.GetArrayFromImage(threshold_on_input_grid(probability_image, image, 0.5))
+    full = sitk.GetArrayFromImage(resample_to_reference(probability_image, image, method="linear", pixel_type=sitk.sitkFloat32)) >= 0.5
+    assert fast.any()
+    np.testing.assert_array_equal(fast.astype(bool), full)

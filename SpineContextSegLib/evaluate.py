@@ -41,6 +41,8 @@ _MARKDOWN_COLUMNS = (
     ("hd95_mm", "HD95 (mm)", 1),
     ("assd_mm", "ASSD (mm)", 1),
     ("threshold_dice", f"HU>{BASELINE_HU:g} Dice", 3),
+    ("identification_rate", "Identified", 3),
+    ("mean_vertebra_dice", "Mean vertebra Dice", 3),
     ("seconds", "Seconds", 1),
 )
 
@@ -99,6 +101,47 @@ def evaluate_cases(
         row["slab_start"], row["slab_stop"] = scores["slab"]
         row.update(scores["voxels"])
         rows.append(row)
+    return rows
+
+
+def evaluate_vertebra_cases(cases: Iterable[object], predict: Callable[["sitk.Image"], "sitk.Image"]) -> List[dict]:
+    """Score per-vertebra labelling: identification rate (VerSe, 20 mm) and Dice per labelled vertebra.
+
+    ``predict(ct_img)`` returns a VerSe-id label map on the CT's grid. Each row has
+    ``identification_rate``, ``mean_vertebra_dice`` (over the ground truth's vertebrae; a
+    vertebra that is missing or misnamed scores 0) and ``vertebrae``: ``"L1 0.91, L2 ..."``.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .labels import vertebra_by_verse_id
+    from .metrics import check_same_grid, identification_rate, per_label_dice
+
+    rows = []
+    for case in cases:
+        ct_img, _ = case.load()
+        gt_img = case.load_vertebra_labels()
+        if gt_img is None:
+            continue
+        start = time.perf_counter()
+        pred_img = predict(ct_img)
+        seconds = time.perf_counter() - start
+        check_same_grid(pred_img, ct_img, what=f"prediction for {case.case_id}", reference_name="CT")
+        gt = sitk.GetArrayFromImage(gt_img)
+        pred = sitk.GetArrayFromImage(pred_img)
+        gt_ids = [int(v) for v in np.unique(gt) if v]
+        dice = per_label_dice(pred, gt)
+        rate, _ = identification_rate(pred, gt, tuple(reversed(ct_img.GetSpacing())))
+        rows.append(
+            {
+                "case": str(case.case_id),
+                "identification_rate": rate,
+                "mean_vertebra_dice": float(np.mean([dice.get(v, 0.0) for v in gt_ids])) if gt_ids else math.nan,
+                "seconds": seconds,
+                "vertebrae": ", ".join(f"{vertebra_by_verse_id(v).name} {dice.get(v, 0.0):.2f}" for v in gt_ids),
+                "predicted": " ".join(vertebra_by_verse_id(int(v)).name for v in np.unique(pred) if v),
+            }
+        )
     return rows
 
 
@@ -186,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", metavar="DIR", help="model folder (model.onnx + model.json); default: the bundled model")
     parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "openvino", "torch"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--task", default="spine", choices=("spine", "vertebrae"), help="vertebrae: score vertebra naming (identification rate, Dice per vertebra)")
     parser.add_argument("--no-slab", action="store_true", help="score the whole volume, not only the slab between the labelled vertebrae")
     parser.add_argument("--csv", metavar="OUT.csv", help="also write one line per case to this CSV file")
     parser.add_argument("--markdown", metavar="OUT.md", help="also write the table to this Markdown file")
@@ -262,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from .pipeline import SegmentOptions, load_model_and_engine, segment_image
 
-        options = SegmentOptions(model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"))
+        options = SegmentOptions(model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"))
         bundle, engine = load_model_and_engine(options)  # once, outside the timed predictions
 
         def predict(ct_img: "sitk.Image") -> "sitk.Image":
@@ -274,7 +318,10 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for case in cases:
         try:
-            rows.extend(evaluate_cases([case], predict_for(case), use_slab=use_slab))
+            if getattr(args, "task", "spine") == "vertebrae":
+                rows.extend(evaluate_vertebra_cases([case], predict_for(case)))
+            else:
+                rows.extend(evaluate_cases([case], predict_for(case), use_slab=use_slab))
         except GridMismatchError as error:
             raise SegmentationError("input_geometry", f"Case {case.case_id}: {error}") from None
         except EmptyLabelMapError as error:
@@ -287,4 +334,7 @@ def run(args: argparse.Namespace) -> int:
         write_csv(rows, args.csv)
     text = write_markdown(rows, args.markdown)
     sys.stdout.write(text)
+    for row in rows:
+        if "vertebrae" in row:
+            sys.stdout.write(f"{row['case']}: predicted {row['predicted'] or '-'}; Dice {row['vertebrae']}\n")
     return EXIT_OK

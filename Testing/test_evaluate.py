@@ -269,3 +269,38 @@ def test_cli_evaluate_command(tmp_path, stand_in_datasets, capsys):
     os.remove(pred_dir / "case_lps.nii.gz")
     assert cli.main(["evaluate", str(tmp_path / "data"), "--pred-dir", str(pred_dir)]) == 10
     assert "input_not_found" in capsys.readouterr().err
+
+
+def test_vertebra_evaluation_scores_identification_and_per_vertebra_dice():
+    import numpy as np
+    import SimpleITK as sitk
+
+    from SpineContextSegLib.evaluate import evaluate_vertebra_cases
+
+    labels = np.zeros((60, 20, 20), np.uint8)
+    for index, verse_id in enumerate((20, 21, 22)):  # L1-L3 stacked along z (LPS: z superior)
+        labels[45 - 15 * index : 55 - 15 * index, 5:15, 5:15] = verse_id
+    ct = sitk.GetImageFromArray(np.where(labels > 0, 400, -1000).astype(np.int16))
+    truth = sitk.GetImageFromArray(labels)
+
+    class Case:
+        case_id = "column"
+
+        def load(self):
+            return ct, truth
+
+        def load_vertebra_labels(self):
+            return truth
+
+    swapped = labels.copy()
+    swapped[labels == 20], swapped[labels == 21] = 21, 20  # L1 and L2 named the wrong way round
+
+    def predict(image):
+        out = sitk.GetImageFromArray(swapped)
+        out.CopyInformation(image)
+        return out
+
+    (row,) = evaluate_vertebra_cases([Case()], predict)
+    assert row["identification_rate"] == pytest.approx(1 / 3)
+    assert row["mean_vertebra_dice"] == pytest.approx(1 / 3)
+    assert row["vertebrae"] == "L1 0.00, L2 0.00, L3 1.00"

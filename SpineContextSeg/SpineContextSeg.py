@@ -43,7 +43,7 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 TASKS = {"Spine": "spine", "Vertebrae": "vertebrae"}
 DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
 #: Quality preset -> tile overlap (None: the model card's tuned default).
-QUALITY_OVERLAP = {"Fast": 0.1, "Standard": None, "Best": 0.5}
+QUALITY_OVERLAP = {"Fast": 0.0, "Standard": None, "Best": 0.5}
 EXPORT_MODES = {"One file per segment": False, "One merged file": True}
 
 #: Packages the worker needs that Slicer does not bundle (numpy, SciPy, SimpleITK, VTK are bundled).

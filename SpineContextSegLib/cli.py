@@ -194,7 +194,14 @@ def _run_mesh(args: argparse.Namespace, reporter, stop) -> int:
 def _run_export(args: argparse.Namespace, reporter, stop) -> int:
     from .model_files import export_checkpoint
 
-    bundle = export_checkpoint(args.checkpoint, args.output)
+    overrides = {}
+    if args.patch:
+        overrides["patch_size"] = list(args.patch)
+    if args.overlap is not None:
+        overrides["overlap"] = args.overlap
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    bundle = export_checkpoint(args.checkpoint, args.output, **overrides)
     print(f"wrote {bundle.onnx_path} (sha256 {bundle.card.onnx_sha256[:16]}…) and model.json, model.pt")
     return EXIT_OK
 
@@ -257,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-onnx", help="training checkpoint -> model folder (model.onnx, model.json, model.pt)")
     export.add_argument("checkpoint")
     export.add_argument("-o", "--output", required=True, help="model folder to write")
+    export.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="inference tile recorded in the card (default: the training patch)")
+    export.add_argument("--overlap", type=float, help="default tile overlap recorded in the card")
+    export.add_argument("--threshold", type=float, help="probability threshold recorded in the card")
     export.set_defaults(run=_run_export)
 
     info = commands.add_parser("info", help="model card, engine and device")

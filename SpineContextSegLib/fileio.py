@@ -147,6 +147,8 @@ def atomic_output(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield temp_path
+        # mkstemp creates 0600 files; outputs get the permissions an ordinary write would give
+        os.chmod(temp_path, 0o666 & ~_current_umask())
         os.replace(temp_path, path)
     except OSError as error:
         _remove_quietly(temp_path)
@@ -154,6 +156,12 @@ def atomic_output(path: str) -> Iterator[str]:
     except BaseException:
         _remove_quietly(temp_path)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(path: str) -> None:

@@ -199,3 +199,16 @@ def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table(
         overlap = np.logical_and(predicted == label.value, truth == label.value).sum()
         assert overlap > 0.8 * (truth == label.value).sum()
     assert "vertebrae" in info and warnings == []  # the sacrum anchors the names: no uncertainty warning
+
+
+def test_outputs_get_ordinary_file_permissions(tmp_path):
+    from SpineContextSegLib.fileio import atomic_output
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_output(str(tmp_path / "out.txt")) as temporary:
+            with open(temporary, "w") as handle:
+                handle.write("x")
+    finally:
+        os.umask(previous)
+    assert (os.stat(tmp_path / "out.txt").st_mode & 0o777) == 0o644

@@ -292,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, *, process_exit: bool = False) -> int:
+    """Run one command; return its exit status.
+
+    ``process_exit=True`` (the console script and ``python -m`` entry points): the process ends
+    right after, so once the outcome is reported a stop signal is ignored. Otherwise the caller's
+    signal handlers are restored.
+    """
     from .progress import make_reporter
     from .pipeline import StopCheck
 
@@ -305,8 +311,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def on_signal(signum, frame):  # stop cleanly between tiles
         stop.signal_received = True
 
-    if args.command == "segment":  # other commands keep the default: SIGTERM ends them at once
-        signal.signal(signal.SIGTERM, on_signal)
+    if args.command != "segment":  # other commands keep the default: SIGTERM ends them at once
+        return _run_command(parser, args, reporter, progress, stop)
+    previous_sigterm, previous_sigint = signal.signal(signal.SIGTERM, on_signal), signal.getsignal(signal.SIGINT)
+    try:
+        return _run_command(parser, args, reporter, progress, stop)
+    finally:
+        if process_exit:
+            # The outcome (result or error line) is reported and the outputs are final: a signal
+            # arriving while the interpreter shuts down (Python then restores the default
+            # handlers) must not turn a finished run into a death by SIGTERM.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            signal.signal(signal.SIGINT, previous_sigint)
+
+
+def console_main() -> int:
+    """The ``spinecontextseg`` console script."""
+    return main(process_exit=True)
+
+
+def _run_command(parser, args, reporter, progress: str, stop) -> int:
     if hasattr(reporter, "started"):
         reporter.started(command=args.command)
     try:
@@ -351,4 +378,4 @@ def _report_error(reporter, progress: str, code: str, message: str, exit_status:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

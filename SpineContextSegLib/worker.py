@@ -9,12 +9,12 @@ import sys
 from typing import List, Optional
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, process_exit: bool = False) -> int:
     from .cli import main as cli_main
 
     arguments = list(sys.argv[1:] if argv is None else argv)
-    return cli_main(["segment", "--progress", "json", *arguments])
+    return cli_main(["segment", "--progress", "json", *arguments], process_exit=process_exit)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(process_exit=True))

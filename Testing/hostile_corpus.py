@@ -504,8 +504,21 @@ def _environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def processes_in_group(group: int) -> List[int]:
-    """PIDs (Linux /proc) whose process group is ``group``: what a finished run left running."""
+def processes_in_group(group: int, settle_s: float = 3.0) -> List[int]:
+    """PIDs (Linux /proc) whose process group is ``group``: what a finished run left running.
+
+    Polls for up to ``settle_s`` seconds: a process the kernel is still tearing down right
+    after its parent was reaped is not a leftover; one still there after that is.
+    """
+    deadline = time.monotonic() + settle_s
+    found = _group_members(group)
+    while found and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = _group_members(group)
+    return found
+
+
+def _group_members(group: int) -> List[int]:
     found = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():

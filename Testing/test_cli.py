@@ -118,6 +118,41 @@ def test_sigterm_mid_run_stops_cleanly(tmp_path, tiny_model_dir):
     assert os.listdir(tmp_path) == []
 
 
+def test_sigterm_after_the_result_line_keeps_the_finished_run(tmp_path, tiny_model_dir):
+    # the outcome is reported and the outputs are final: a signal during interpreter shutdown
+    # must not turn the run into a death by SIGTERM (exit -15)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "SpineContextSegLib.worker", SAMPLE_CT, "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+    )
+    lines = []
+    for line in process.stdout:
+        lines.append(json.loads(line))
+        if lines[-1]["type"] == "result":
+            break
+    while process.poll() is None:  # keep signalling until it has exited: one lands in the shutdown
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    out, err = process.communicate(timeout=60)
+    assert lines[-1]["type"] == "result" and process.returncode == 0, err
+    assert os.listdir(tmp_path) == ["m.nii.gz"]
+
+
+def test_segment_called_in_process_restores_the_callers_signal_handlers(tmp_path, tiny_model_dir):
+    from SpineContextSegLib import cli
+
+    def callers_handler(signum, frame):  # pragma: no cover - never called
+        pass
+
+    previous = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        assert cli.main(["segment", SAMPLE_CT, "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, "--progress", "none"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_batch_folder_is_resumable_and_shardable(tmp_path, tiny_model_dir):
     cases = tmp_path / "cases"
     cases.mkdir()

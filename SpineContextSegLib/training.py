@@ -46,6 +46,7 @@ class TrainConfig:
     plateau_patience: int = 5
     foreground_fraction: float = 0.7
     slab_probability: float = 0.2  # patches cut to a thin slab (few axial slices, or a narrow sagittal reformat)
+    scale_range: Tuple[float, float] = (0.7, 1.4)  # = augment.AugmentationConfig's (that module needs torch)
     architecture: str = "SpineContextResUNet"
     architecture_kwargs: Dict[str, object] = dataclasses.field(default_factory=dict)
     hu_window: Tuple[float, float] = (-1000.0, 2000.0)
@@ -276,7 +277,9 @@ class Trainer:
     def next_batch(self):
         torch = self.torch
         config = self.config
-        source = tuple(int(np.ceil(p * 1.35)) if config.augment else p for p in config.patch_size)
+        # the region the augmented patch samples from: rotation (x1.15) and zoom-out (1 / smallest scale)
+        source_factor = 1.15 / min(1.0, config.scale_range[0])
+        source = tuple(int(np.ceil(p * source_factor)) if config.augment else p for p in config.patch_size)
         images, labels, weights = [], [], []
         for _ in range(config.batch_size):
             use_phantom = bool(self.phantoms) and (not self.real or self.rng.random() < config.phantom_fraction)
@@ -292,9 +295,10 @@ class Trainer:
         label = torch.from_numpy(np.stack(labels)[:, None].astype(np.float32))
         weight = torch.from_numpy(np.stack(weights)[:, None].astype(np.float32))
         if config.augment:
-            from .augment import augment_batch
+            from .augment import AugmentationConfig, augment_batch
 
-            image, label, weight = augment_batch(image, label, weight, tuple(config.patch_size), self.generator, config.spacing_mm)
+            augmentation = AugmentationConfig(scale_range=tuple(config.scale_range))
+            image, label, weight = augment_batch(image, label, weight, tuple(config.patch_size), self.generator, config.spacing_mm, augmentation)
         return image, label, weight
 
     def _refresh_phantom(self) -> None:
@@ -488,6 +492,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-fraction", type=float, default=d.phantom_fraction)
     parser.add_argument("--phantom-refresh", type=int, default=d.phantom_refresh)
     parser.add_argument("--slab-probability", type=float, default=d.slab_probability, help="share of patches cut to a thin slab")
+    parser.add_argument("--scale-range", type=float, nargs=2, default=list(d.scale_range), metavar=("LOW", "HIGH"), help="random isotropic zoom of the patches (< 1 shrinks anatomy)")
     parser.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
     parser.add_argument("--validation-phantoms", type=int, default=d.validation_phantoms)
     parser.add_argument("--spacing", type=float, default=d.spacing_mm, help="training grid spacing, mm (isotropic)")
@@ -523,6 +528,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         phantom_fraction=args.phantom_fraction,
         phantom_refresh=args.phantom_refresh,
         slab_probability=args.slab_probability,
+        scale_range=(min(args.scale_range), max(args.scale_range)),
         validation_fraction=args.validation_fraction,
         validation_phantoms=args.validation_phantoms,
         spacing_mm=args.spacing,

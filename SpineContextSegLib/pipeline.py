@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import Cancelled, SegmentationError
 from .network_constants import DOWNSAMPLING_FACTOR
+from .postprocess import MAX_COLUMN_OFFSET_MM
 from .progress import ProgressReporter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,6 +41,7 @@ class SegmentOptions:
     crop_to_body: bool = True
     min_island_ml: float = 1.0
     min_spine_ml: float = 5.0
+    max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM
     fill_holes: bool = True
     cancel_file: Optional[str] = None
     task: str = "spine"  # "vertebrae": split the spine mask into named vertebrae (VerSe ids)
@@ -173,7 +175,8 @@ def segment_image(
         spacing_zyx = list(reversed(canonical.GetSpacing()))
         threshold = card.threshold if options.threshold is None else options.threshold
         cleaned, info = clean_probability(
-            probability, spacing_zyx, threshold=threshold, min_island_ml=options.min_island_ml, min_spine_ml=options.min_spine_ml, fill_holes=options.fill_holes
+            probability, spacing_zyx, threshold=threshold, min_island_ml=options.min_island_ml, min_spine_ml=options.min_spine_ml,
+            max_column_offset_mm=options.max_column_offset_mm, fill_holes=options.fill_holes,
         )
         postprocess_info.update(info)
         probability_image = sitk.GetImageFromArray(cleaned)
@@ -206,7 +209,7 @@ def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressR
     from .labels import vertebra_by_verse_id
     from .vertebrae import label_vertebrae
 
-    labels_image, vertebra_info = label_vertebrae(mask, image)
+    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True)
     info["vertebrae"] = vertebra_info
     if vertebra_info.get("confidence", 0.0) < 0.5:
         reporter.warning(

@@ -31,7 +31,8 @@ axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left), isot
 on the input grid. The sacrum is not part of the binary mask (see
 :data:`SpineContextSegLib.labels.SPINE_MASK_INCLUDES_SACRUM`); it serves as the anchor and,
 with ``include_sacrum=True``, its upper part is segmented from the CT alone (VerSe 26,
-:func:`segment_upper_sacrum`).
+:func:`segment_upper_sacrum`). A mask that took in the top of the sacrum leaves a small
+segment below L5; :func:`caudal_fragment` tells it from a vertebra before naming.
 
 Limits: a vertebra whose body the mask misses entirely is not counted (names above it
 shift by one); vertebrae fused without any trace of a disc stay one segment; a scan with
@@ -60,6 +61,9 @@ MAX_WORKING_VOXELS = 20_000_000
 BONE_HU = 200.0
 #: Number of thickness levels of the seeded growth (see :func:`grow_labels`).
 THICKNESS_LEVELS = 16
+#: Working-grid marker of mask voxels that belong to no vertebra (a sacral fragment, see
+#: :func:`caudal_fragment`) while the sacrum is not segmented; never written out.
+NOT_A_VERTEBRA = 255
 
 _CUBE = np.ones((3, 3, 3), dtype=bool)
 
@@ -832,7 +836,7 @@ def rib_evidence(instances: np.ndarray, ct_hu: np.ndarray, line: Centreline, spa
     return out
 
 
-def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centreline, geometry: Sequence[VertebraGeometry], spacing_mm, field_of_view: Optional[np.ndarray] = None, *, caudal: bool = True, length_mm: float = 25.0, gap_mm: float = 3.0) -> Dict[str, float]:
+def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centreline, geometry: Sequence[VertebraGeometry], spacing_mm, field_of_view: Optional[np.ndarray] = None, *, caudal: bool = True, length_mm: float = 25.0, gap_mm: float = 3.0, also_bone: Optional[np.ndarray] = None) -> Dict[str, float]:
     """Bone outside the mask just beyond the caudal (or cranial) end of the vertebral column.
 
     The region continues the centreline over ``length_mm``, starting ``gap_mm`` past the
@@ -851,6 +855,9 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
     geometry : list of VertebraGeometry, instance order (top first)
     spacing_mm : float or (3,) float, (z, y, x) mm
     field_of_view : (D, H, W) bool, optional
+    also_bone : (D, H, W) bool, optional
+        Voxels that count as bone whatever their HU: a piece of the sacrum that the spine
+        mask took in (:func:`caudal_fragment`), whose marrow may lie under :data:`BONE_HU`.
 
     Returns
     -------
@@ -897,7 +904,8 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
     posterior, left = posterior[region], left[region]
     fov = inside_fov.reshape(-1)[flat]
     spine_near = ndimage.binary_dilation(instances[z_lo:z_hi] > 0, structure=_CUBE).reshape(-1)[tube[region]]
-    bone = (ct_hu.reshape(-1)[flat] >= BONE_HU) & fov & ~spine_near
+    is_bone = ct_hu >= BONE_HU if also_bone is None else (ct_hu >= BONE_HU) | also_bone
+    bone = is_bone.reshape(-1)[flat] & fov & ~spine_near
     central = bone & (np.abs(left) <= radius) & (np.abs(posterior) <= radius)
     lateral = bone & (np.abs(left) >= 1.6 * radius) & (posterior <= 1.0 * radius) & (posterior >= -0.5 * radius)
     result["fov_share"] = float(min(1.0, fov.sum() / max(expected_voxels, 1.0)))
@@ -905,7 +913,7 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
     result["lateral_ml"] = float(lateral.sum() * voxel_ml)
     result["lateral_sides"] = int(np.sum(lateral & (left > 0)) * voxel_ml >= 1.0) + int(np.sum(lateral & (left < 0)) * voxel_ml >= 1.0)
     if bone.any():
-        all_bone = (ct_hu >= BONE_HU) & inside_fov & ~ndimage.binary_dilation(instances > 0, structure=_CUBE)
+        all_bone = is_bone & inside_fov & ~ndimage.binary_dilation(instances > 0, structure=_CUBE)
         pieces, _ = ndimage.label(all_bone, structure=_CUBE)
         sizes = np.bincount(pieces.ravel())
         touched = np.unique(pieces.reshape(-1)[flat[bone]])
@@ -913,6 +921,55 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
         if touched.size:
             result["piece_ml"] = float(sizes[touched].max() * voxel_ml)
     return result
+
+
+#: A lowest segment with less than this share of the column's typical vertebra volume ...
+CAUDAL_FRAGMENT_VOLUME_SHARE = 0.4
+#: ... and a body narrower than this share of the body above it is a piece of the sacrum.
+CAUDAL_FRAGMENT_RADIUS_SHARE = 0.8
+
+
+def caudal_fragment(instances: np.ndarray, line: Centreline, spacing_mm, field_of_view: Optional[np.ndarray] = None) -> int:
+    """The lowest instance when it is a piece of the sacrum rather than a vertebra; else 0.
+
+    A network's spine mask often takes in the top of the first sacral body. Split off below
+    L5, that piece would be named as one more vertebra (an "L6") and push the sacrum anchor
+    one level down. It is told from a vertebra by size: it is not cut by the field of view,
+    yet holds less than :data:`CAUDAL_FRAGMENT_VOLUME_SHARE` of the median volume of the
+    other whole vertebrae, and its thickest part (largest in-plane distance to its edge) is
+    thinner than :data:`CAUDAL_FRAGMENT_RADIUS_SHARE` of the vertebra above's (an
+    under-segmented L5 keeps slices through its whole body; a real L6 is a whole vertebra).
+
+    Parameters
+    ----------
+    instances : (D, H, W) int
+        :func:`split_vertebrae` output (1 = most cranial), canonical grid (z, y, x).
+    line : Centreline
+    spacing_mm : float or (3,) float, (z, y, x) mm
+    field_of_view : (D, H, W) bool, optional
+
+    Returns
+    -------
+    int
+        The instance number of the fragment (the highest number), or 0.
+    """
+    from scipy import ndimage
+
+    geometry = vertebra_geometry(instances, line, _spacing3(spacing_mm), field_of_view)
+    if len(geometry) < 3 or geometry[-1].truncated:
+        return 0
+    whole = [g.volume_ml for g in geometry[:-1] if not g.truncated]
+    if not whole:
+        return 0
+    if geometry[-1].volume_ml >= CAUDAL_FRAGMENT_VOLUME_SHARE * float(np.median(whole)):
+        return 0
+    lowest, above = len(geometry), len(geometry) - 1
+    # measured on the pieces themselves: the centreline's radius is smoothed over ~2 vertebrae
+    thickest = {}
+    for value, box in ((v, b) for v, b in enumerate(ndimage.find_objects(instances, max_label=lowest), start=1) if v in (above, lowest)):
+        piece = np.pad(instances[box] == value, 1) if box is not None else np.zeros((1, 1, 1), dtype=bool)  # a background rim for the distances
+        thickest[value] = float(in_plane_thickness_mm(piece, spacing_mm).max())
+    return lowest if thickest[lowest] < CAUDAL_FRAGMENT_RADIUS_SHARE * thickest[above] else 0
 
 
 def _sub_centreline(line: Centreline, z_lo: int, z_hi: int) -> Centreline:
@@ -1009,7 +1066,7 @@ def _end_evidence(found: Dict[str, float], *, caudal: bool) -> Dict[str, object]
     return evidence
 
 
-def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, field_of_view: Optional[np.ndarray] = None, centreline: Optional[Centreline] = None) -> Tuple[np.ndarray, Dict[str, object]]:
+def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, field_of_view: Optional[np.ndarray] = None, centreline: Optional[Centreline] = None, sacral_fragment: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, object]]:
     """Give every vertebra its VerSe id, in anatomical order.
 
     Every gap-free run of VerSe ids along the standard chain (C1-L5), the chain with L6 and
@@ -1040,6 +1097,9 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
         Voxels inside the scanned volume; default: every voxel.
     centreline : Centreline, optional
         From :func:`split_vertebrae`'s details; recomputed from ``instances`` when omitted.
+    sacral_fragment : (D, H, W) bool, optional
+        Mask voxels below the column that are a piece of the sacrum (:func:`caudal_fragment`,
+        already removed from ``instances``): bone below the column, whatever their HU.
 
     Returns
     -------
@@ -1066,7 +1126,7 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
     line = centreline if centreline is not None else body_centreline(ndimage.binary_fill_holes(instances > 0), spacing)
     geometry = vertebra_geometry(instances, line, spacing, field_of_view)
     ribs = rib_evidence(instances, ct_hu, line, spacing, field_of_view)
-    below = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=True), caudal=True)
+    below = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=True, also_bone=sacral_fragment), caudal=True)
     above = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=False), caudal=False)
 
     chains = _chains()
@@ -1279,7 +1339,9 @@ def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing
     grid with nearest neighbour. On that grid the labels are then fitted to the mask: mask
     voxels the resampling left unlabelled take the label of the vertebra they connect to
     (geodesically, inside the mask), voxels outside the mask are cleared (except the sacrum,
-    which is not part of the mask) and every label is made one 26-connected piece.
+    which is not part of the mask) and every label is made one 26-connected piece. A piece
+    of the sacrum that the mask took in below L5 (:func:`caudal_fragment`) is no vertebra:
+    it joins the sacrum, or stays unlabelled without ``include_sacrum``.
 
     Parameters
     ----------
@@ -1301,7 +1363,7 @@ def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing
     info : dict
         :func:`name_vertebrae`'s info plus ``working_spacing_mm``, ``discs`` (count),
         ``unlabelled_ml`` (mask voxels left without a label: islands away from the column),
-        ``sacrum_ml``.
+        ``sacrum_ml``, ``sacral_fragment_in_mask``.
 
     Raises
     ------
@@ -1329,29 +1391,31 @@ def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing
     if not mask_work.any():  # a mask thinner than the working grid: take its nearest voxels anyway
         raise SegmentationError("no_spine_found", "The spine mask vanishes on the working grid: it is too thin to be a spine.")
 
-    instances, details = split_vertebrae(mask_work, ct_work, spacing, return_details=True)
-    verse_work, info = name_vertebrae(instances, ct_work, spacing, field_of_view=field_of_view, centreline=details["centreline"])
-    sacrum = np.zeros(mask_work.shape, dtype=bool)
-    if include_sacrum and "sacrum" in str(info["method"]):
-        from .labels import SACRUM_ID
+    from .labels import SACRUM_ID
 
-        sacrum = segment_upper_sacrum(verse_work, ct_work, details["centreline"], spacing, field_of_view)
-        verse_work[sacrum] = SACRUM_ID
+    instances, details = split_vertebrae(mask_work, ct_work, spacing, return_details=True)
+    fragment = caudal_fragment(instances, details["centreline"], spacing, field_of_view)
+    not_vertebra = instances == fragment if fragment else np.zeros(mask_work.shape, dtype=bool)
+    instances[not_vertebra] = 0
+    verse_work, info = name_vertebrae(instances, ct_work, spacing, field_of_view=field_of_view, centreline=details["centreline"], sacral_fragment=not_vertebra)
+    if include_sacrum and "sacrum" in str(info["method"]):
+        # the fragment of the mask below L5 is the top of the sacrum (its marrow may lie under SACRUM_HU)
+        verse_work[segment_upper_sacrum(verse_work, ct_work, details["centreline"], spacing, field_of_view) | not_vertebra] = SACRUM_ID
+    else:
+        verse_work[not_vertebra] = NOT_A_VERTEBRA
     del ct_work, field_of_view
 
     work_image = sitk.GetImageFromArray(verse_work)
     work_image.CopyInformation(reference)
     on_roi = sitk.GetArrayFromImage(resample_to_reference(work_image, mask_roi, method="nearest", default_value=0, pixel_type=sitk.sitkUInt8))
     roi_mask = sitk.GetArrayViewFromImage(mask_roi) > 0
-    from .labels import SACRUM_ID
-
     sacrum_roi = on_roi == SACRUM_ID
-    vertebrae_roi = np.where(roi_mask & ~sacrum_roi, on_roi, 0).astype(np.int32)
+    claimed = sacrum_roi | (on_roi == NOT_A_VERTEBRA)  # no vertebra grows into these
+    vertebrae_roi = np.where(roi_mask & ~claimed, on_roi, 0).astype(np.int32)
     # mask voxels the nearest-neighbour resampling missed join the vertebra they connect to
-    vertebrae_roi = grow_labels(vertebrae_roi, roi_mask & ~sacrum_roi)
+    vertebrae_roi = grow_labels(vertebrae_roi, roi_mask & ~claimed)
     vertebrae_roi, _ = keep_largest_pieces(vertebrae_roi)
     if sacrum_roi.any():
-        sacrum_roi &= ~roi_mask
         vertebrae_roi[sacrum_roi] = SACRUM_ID
         vertebrae_roi, _ = keep_largest_pieces(vertebrae_roi)
     out = np.zeros(mask_full.shape, dtype=np.uint8)
@@ -1368,6 +1432,7 @@ def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing
             "discs": len(details["discs"]),
             "unlabelled_ml": round(float(np.count_nonzero(mask_full & (out == 0))) * voxel_ml, 2),
             "sacrum_ml": round(float(np.count_nonzero(out == SACRUM_ID)) * voxel_ml, 2),
+            "sacral_fragment_in_mask": bool(fragment),
             "labels_present": present,
         }
     )

@@ -192,12 +192,14 @@ def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table(
     info = {}
     labels_image, labels = _name_vertebrae(phantom.spine_mask, phantom.ct, Recorder(), info)
     assert labels_image.GetSize() == phantom.ct.GetSize()
-    assert [label.name for label in labels] == ["L1", "L2", "L3", "L4", "L5"]
+    assert [label.name for label in labels] == ["L1", "L2", "L3", "L4", "L5", "Sacrum"]
     predicted = sitk.GetArrayFromImage(labels_image)
     truth = sitk.GetArrayFromImage(phantom.vertebra_labels)
-    for label in labels:
+    for label in labels[:-1]:
         overlap = np.logical_and(predicted == label.value, truth == label.value).sum()
         assert overlap > 0.8 * (truth == label.value).sum()
+    sacrum = predicted == 26  # its upper part, from the CT: it lies in the phantom's sacrum
+    assert sacrum.sum() > 0 and np.logical_and(sacrum, truth == 26).sum() > 0.8 * sacrum.sum()
     assert "vertebrae" in info and warnings == []  # the sacrum anchors the names: no uncertainty warning
 
 
@@ -212,3 +214,19 @@ def test_outputs_get_ordinary_file_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert (os.stat(tmp_path / "out.txt").st_mode & 0o777) == 0o644
+
+
+def test_clean_probability_drops_pieces_beside_the_column_and_keeps_pieces_on_it():
+    # a column along z at 2 mm: two parts with a 30 mm gap (a missed vertebra), a piece beside it
+    # (hip-like, 60 mm lateral) and one in front (sternum-like, 80 mm anterior)
+    probability = np.zeros((100, 80, 80), np.float32)
+    probability[5:45, 30:45, 33:47] = 0.9  # lower column
+    probability[60:95, 30:45, 33:47] = 0.9  # upper column, above the gap
+    probability[10:20, 30:40, 68:76] = 0.9  # beside
+    probability[50:60, 0:6, 36:44] = 0.9  # in front
+    cleaned, info = clean_probability(probability, (2.0, 2.0, 2.0))
+    assert info["components"] == 4 and info["kept_components"] == 2
+    assert cleaned[20, 37, 40] == pytest.approx(0.9) and cleaned[80, 37, 40] == pytest.approx(0.9)
+    assert cleaned[15, 35, 72] == 0.0 and cleaned[55, 3, 40] == 0.0
+    kept_all, info = clean_probability(probability, (2.0, 2.0, 2.0), max_column_offset_mm=float("inf"))
+    assert info["kept_components"] == 4 and kept_all[15, 35, 72] == pytest.approx(0.9)

@@ -374,3 +374,48 @@ def test_label_vertebrae_rejects_an_empty_mask():
     with pytest.raises(SegmentationError) as error:
         vertebrae.label_vertebrae(sitk.Image([20, 20, 20], sitk.sitkUInt8), ct)
     assert error.value.code == "no_spine_found"
+
+
+def _with_sacral_fragment(ct, mask, truth, depth_mm=10.0, spacing=2.0):
+    """Add the top ``depth_mm`` of the S1 body's middle (bone in the CT below the lowest vertebra) to the mask."""
+    lowest = truth == truth.max()
+    z_lowest = np.nonzero(lowest.any(axis=(1, 2)))[0].min()
+    below = np.zeros_like(mask)
+    below[max(0, z_lowest - int(round((8.0 + depth_mm) / spacing))) : z_lowest - int(round(8.0 / spacing))] = True
+    fragment = below & (ct >= 200.0) & (np.abs(np.arange(ct.shape[2]) * spacing - ct.shape[2] * spacing / 2)[None, None, :] <= 8.0)
+    return mask | fragment, fragment
+
+
+def test_a_piece_of_the_sacrum_in_the_mask_is_not_named_as_a_vertebra():
+    sitk = pytest.importorskip("SimpleITK")
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True)
+    mask_with_fragment, fragment = _with_sacral_fragment(ct, mask, truth)
+    assert fragment.sum() * 8 / 1000 > 1.0  # more than min_vertebra_ml: split_vertebrae keeps it as a segment
+    instances, details = vertebrae.split_vertebrae(mask_with_fragment, ct, 2.0, return_details=True)
+    assert instances.max() == 6
+    assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 6
+
+    ct_img = sitk.GetImageFromArray(ct)
+    ct_img.SetSpacing((2.0, 2.0, 2.0))
+    mask_img = sitk.GetImageFromArray(mask_with_fragment.astype(np.uint8))
+    mask_img.CopyInformation(ct_img)
+    for include_sacrum in (False, True):
+        labels_img, info = vertebrae.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=include_sacrum)
+        labels = sitk.GetArrayFromImage(labels_img)
+        assert info["names"] == ["L1", "L2", "L3", "L4", "L5"] and info["sacral_fragment_in_mask"]
+        assert "sacrum" in info["method"]
+        assert not np.isin(labels[fragment], np.arange(1, 26)).any()  # no vertebra took the fragment
+        assert (labels[fragment] == 26).mean() >= (0.9 if include_sacrum else 0.0)
+        assert [_purity(labels, truth)[v][0] for v in range(1, 6)] == [20, 21, 22, 23, 24]
+        _assert_anatomical(labels)
+
+
+def test_an_under_segmented_lowest_vertebra_stays_a_vertebra():
+    # L5 with only its upper third in the mask: small, but its body is as wide as L4's
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True)
+    l5 = truth == 5
+    z = np.nonzero(l5.any(axis=(1, 2)))[0]
+    mask = mask & ~(l5 & (np.arange(ct.shape[0]) < z.min() + 0.66 * (z.max() - z.min()))[:, None, None])
+    instances, details = vertebrae.split_vertebrae(mask, ct, 2.0, return_details=True)
+    assert instances.max() == 5
+    assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 0

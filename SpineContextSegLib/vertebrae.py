@@ -1053,16 +1053,24 @@ def _log_likelihood(names: Sequence[int], chain: Tuple[int, ...], geometry: Sequ
     return sum(parts.values()), parts
 
 
+#: Bone (ml) beyond an end of the column that counts as the sacrum or skull base when the
+#: scan shows the whole region of :func:`bone_beyond_column`.
+END_BONE_ML = 2.0
+
+
 def _end_evidence(found: Dict[str, float], *, caudal: bool) -> Dict[str, object]:
     """Summarise :func:`bone_beyond_column` as the yes/no evidence the naming uses."""
     bone_ml = found["central_ml"] + found["lateral_ml"]
     evidence: Dict[str, object] = {key: round(float(value), 3) for key, value in found.items()}
     if caudal:
-        evidence["bone_found"] = bool(bone_ml >= 2.0)
-        evidence["alae_found"] = bool(bone_ml >= 2.0 and found["lateral_sides"] == 2)
+        # judged on the part of the region the scan shows: a scan that ends inside S1 or a narrow
+        # sagittal slab shows only a share of it (never less than a quarter counts)
+        needed_ml = END_BONE_ML * min(1.0, max(float(found["fov_share"]), 0.25))
+        evidence["bone_found"] = bool(bone_ml >= needed_ml)
+        evidence["alae_found"] = bool(bone_ml >= needed_ml and found["lateral_sides"] == 2)
     else:
         # the skull base is one large bone, unlike a vertebra left out of the mask
-        evidence["skull_found"] = bool(bone_ml >= 2.0 and found["piece_ml"] >= 150.0)
+        evidence["skull_found"] = bool(bone_ml >= END_BONE_ML and found["piece_ml"] >= 150.0)
     return evidence
 
 

@@ -419,3 +419,13 @@ def test_an_under_segmented_lowest_vertebra_stays_a_vertebra():
     instances, details = vertebrae.split_vertebrae(mask, ct, 2.0, return_details=True)
     assert instances.max() == 5
     assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 0
+
+
+
+def test_bone_below_the_column_is_judged_on_the_part_the_scan_shows():
+    # 1.5 ml of bone below the lowest vertebra: too little for a fully visible region, but it
+    # fills the quarter of the region that a scan ending just inside S1 (or a narrow slab) shows
+    found = {"fov_share": 0.25, "central_ml": 1.4, "lateral_ml": 0.1, "lateral_sides": 0, "piece_ml": 30.0}
+    assert vertebrae._end_evidence(found, caudal=True)["bone_found"]
+    assert not vertebrae._end_evidence(dict(found, fov_share=1.0), caudal=True)["bone_found"]
+    assert not vertebrae._end_evidence(dict(found, fov_share=0.05, central_ml=0.3), caudal=True)["bone_found"]  # a quarter at least

@@ -348,3 +348,21 @@ def test_patient_split_edge_cases():
     assert patient_level_split(single, 0.5, seed=0) == (single, [])  # never hold out every patient
     with pytest.raises(ValueError):
         patient_level_split(cases, 1.0, seed=0)
+
+
+def test_prepare_ctchest4_writes_a_binary_training_case_of_the_tubes_bone(tmp_path):
+    import subprocess
+    import sys
+
+    slicerio = pytest.importorskip("slicerio")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run([sys.executable, os.path.join(root, "scripts", "prepare_ctchest4.py"), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    (case,) = find_cases(str(tmp_path))
+    assert case.case_id == "CTChest4" and case.label_format == "binary"
+    ct, label = case.load()
+    hu, spine = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(label) > 0
+    segmentation = slicerio.read_segmentation(os.path.join(os.path.dirname(slicerio.__file__), "data", "Segmentation.seg.nrrd"))
+    ribs = np.transpose(segmentation["voxels"], (2, 1, 0)) == next(s["labelValue"] for s in segmentation["segments"] if s["name"] == "ribs")
+    assert spine.sum() * np.prod(ct.GetSpacing()) / 1000 > 400  # C7-L1 at least
+    assert np.median(hu[spine]) > 200 and not (spine & ribs).any()

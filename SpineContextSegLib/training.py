@@ -31,6 +31,9 @@ class TrainConfig:
     data: List[str] = dataclasses.field(default_factory=list)
     layout: str = "auto"
     exclude: List[str] = dataclasses.field(default_factory=list)
+    # relative sampling weight of real cases whose id contains the key (default 1): a case with
+    # coarse labels can stay in the mix without dominating it
+    case_weights: Dict[str, float] = dataclasses.field(default_factory=dict)
     phantoms: int = 0  # phantom volumes kept in the pool
     phantom_fraction: float = 0.5  # share of patches drawn from phantoms when both kinds exist
     phantom_refresh: int = 25  # replace one pool phantom every N iterations (0: never)
@@ -257,6 +260,9 @@ class Trainer:
             self.validation = [v for c, v in cases if c.case_id not in train_ids]
         else:
             self.real, self.validation = [], []
+        weights = np.array([next((w for key, w in config.case_weights.items() if key in v.name), 1.0) for v in self.real], dtype=np.float64)
+        # None: uniform draws (the sequence of a run without --case-weight stays as it was)
+        self.real_probabilities = weights / weights.sum() if len(set(weights.tolist())) > 1 else None
         self.phantoms = [phantom_volume(config.seed * 100003 + i + 1000 * self.rank, config) for i in range(config.phantoms)]
         self._next_phantom_seed = config.seed * 100003 + config.phantoms + 1000 * self.rank + 10**6
         if config.validation_phantoms and (config.phantoms or not self.validation):
@@ -284,7 +290,10 @@ class Trainer:
         for _ in range(config.batch_size):
             use_phantom = bool(self.phantoms) and (not self.real or self.rng.random() < config.phantom_fraction)
             pool = self.phantoms if use_phantom else self.real
-            volume = pool[self.rng.integers(len(pool))]
+            if use_phantom or self.real_probabilities is None:
+                volume = pool[self.rng.integers(len(pool))]
+            else:
+                volume = pool[self.rng.choice(len(pool), p=self.real_probabilities)]
             image, label, weight = extract_region(volume, sample_centre(volume, self.rng, config.foreground_fraction), source)
             if self.rng.random() < config.slab_probability:
                 cut_to_slab(image, weight, self.rng, config.spacing_mm)
@@ -488,6 +497,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="*", default=[], help="dataset roots: VerSe (rawdata/derivatives), CTSpine1K, images/+labels/, or case folders")
     parser.add_argument("--layout", default="auto", help="auto | verse | ctspine1k | images-labels | totalsegmentator | shared")
     parser.add_argument("--exclude", action="append", default=[], help="skip cases whose id or path contains this (repeatable)")
+    parser.add_argument("--case-weight", action="append", default=[], metavar="ID=W", help="sample real cases whose id contains ID W times as often as the others (default 1; repeatable)")
     parser.add_argument("--phantoms", type=int, default=d.phantoms, help="synthetic phantom volumes in the training pool")
     parser.add_argument("--phantom-fraction", type=float, default=d.phantom_fraction)
     parser.add_argument("--phantom-refresh", type=int, default=d.phantom_refresh)
@@ -516,6 +526,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", dest="export_dir", help="export the best checkpoint to this model folder at the end")
 
 
+def _parse_case_weights(items: Sequence[str]) -> Dict[str, float]:
+    from .cli import UsageError
+
+    weights = {}
+    for item in items:
+        key, _, value = item.rpartition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not key or not weight > 0:
+            raise UsageError(f"--case-weight wants ID=W with a positive W, got {item!r}")
+        weights[key] = weight
+    return weights
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     kwargs = {}
     if args.widths:
@@ -524,6 +550,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=list(args.data),
         layout=args.layout,
         exclude=list(args.exclude),
+        case_weights=_parse_case_weights(args.case_weight),
         phantoms=args.phantoms,
         phantom_fraction=args.phantom_fraction,
         phantom_refresh=args.phantom_refresh,

@@ -152,3 +152,26 @@ def test_slab_cut_keeps_a_thin_supervised_slab_and_makes_the_rest_air():
         # one axis is cut to 20-60 mm (10-30 voxels at 2 mm), the others untouched
         assert (10 <= kept_axis0 <= 30 and kept_axis2 == 32) or (10 <= kept_axis2 <= 30 and kept_axis0 == 32)
         assert np.all(image[weight == 0] == 0.0) and np.all(image[weight == 1] == 0.5)
+
+
+def test_case_weights_set_how_often_real_cases_are_drawn(data_root, monkeypatch):
+    from SpineContextSegLib import training
+    from SpineContextSegLib.cli import UsageError
+    from SpineContextSegLib.training import Trainer, TrainConfig, _parse_case_weights
+
+    config = TrainConfig(data=[data_root], validation_fraction=0.0, validation_phantoms=0, phantoms=0, spacing_mm=3.0,
+                         patch_size=(8, 8, 8), batch_size=1, architecture="UNet3D", architecture_kwargs={"widths": [4, 8, 8]},
+                         augment=False, case_weights=_parse_case_weights(["patient1=8"]))
+    trainer = Trainer(config)
+    trainer.load_data()
+    drawn = []
+    original = training.extract_region
+    monkeypatch.setattr(training, "extract_region", lambda volume, *a: drawn.append(volume.name) or original(volume, *a))
+    for _ in range(300):
+        trainer.next_batch()
+    assert sorted(set(drawn)) == ["patient0", "patient1", "patient2"]
+    assert drawn.count("patient1") / len(drawn) == pytest.approx(0.8, abs=0.08)  # 8 / (8 + 1 + 1)
+    with pytest.raises(UsageError):
+        _parse_case_weights(["patient1=-2"])
+    with pytest.raises(UsageError):
+        _parse_case_weights(["=2"])

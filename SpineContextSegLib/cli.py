@@ -201,6 +201,8 @@ def _run_export(args: argparse.Namespace, reporter, stop) -> int:
         overrides["overlap"] = args.overlap
     if args.threshold is not None:
         overrides["threshold"] = args.threshold
+    if args.version:
+        overrides["version"] = args.version
     bundle = export_checkpoint(args.checkpoint, args.output, **overrides)
     print(f"wrote {bundle.onnx_path} (sha256 {bundle.card.onnx_sha256[:16]}…) and model.json, model.pt")
     return EXIT_OK
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="inference tile recorded in the card (default: the training patch)")
     export.add_argument("--overlap", type=float, help="default tile overlap recorded in the card")
     export.add_argument("--threshold", type=float, help="probability threshold recorded in the card")
+    export.add_argument("--version", help="model version recorded in the card (default: the checkpoint's)")
     export.set_defaults(run=_run_export)
 
     info = commands.add_parser("info", help="model card, engine and device")

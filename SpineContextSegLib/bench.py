@@ -35,10 +35,10 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "reference": {},
     "reference-1mm": {},
     "default": {},
-    "onnxruntime-fp32": {"engine": "onnxruntime"},
-    "openvino-fp32": {"engine": "openvino"},
+    "onnxruntime-fp32": {"engine": "onnxruntime", "precision": "fp32"},
+    "openvino-fp32": {"engine": "openvino", "precision": "fp32"},
     "openvino-bf16": {"engine": "openvino", "precision": "bf16"},
-    "torch-fp32": {"engine": "torch"},
+    "torch-fp32": {"engine": "torch", "precision": "fp32"},
     "default-overlap0.5": {"overlap": 0.5},
 }
 DEFAULT_VARIANTS = ("reference", "default", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")

@@ -32,7 +32,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (model.onnx + model.json); default: the bundled model")
     parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "openvino", "torch"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"), help="auto: bf16 with OpenVINO on CPUs with AVX512-BF16/AMX, else fp32; fp16: torch on CUDA")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="auto (default): bf16 with OpenVINO on CPUs with AVX512-BF16/AMX, else fp32; fp16: torch on CUDA")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores but one)")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")

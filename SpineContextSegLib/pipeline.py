@@ -33,7 +33,7 @@ class SegmentOptions:
     engine: str = "auto"
     device: str = "auto"
     threads: Optional[int] = None
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 where the CPU computes it natively (OpenVINO), else fp32
     overlap: Optional[float] = None
     patch_size: Optional[List[int]] = None
     batch_size: int = 1

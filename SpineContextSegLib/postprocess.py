@@ -113,10 +113,12 @@ def clean_probability(
     keep[1:] = sizes_ml >= min_island_ml
     if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
         largest = int(np.argmax(sizes_ml)) + 1
-        axis_mm, _ = column_axis_mm(labels == largest, spacing_mm)
+        box = ndimage.find_objects(labels, max_label=largest)[largest - 1]  # the axis within its bounding box
+        axis_mm, _ = column_axis_mm(labels[box] == largest, spacing_mm)
+        axis_mm += np.array([box[1].start * spacing_mm[1], box[2].start * spacing_mm[2]])
         candidates = [value for value in np.flatnonzero(keep) if value != largest]
         for value, centroid in zip(candidates, ndimage.center_of_mass(foreground, labels, candidates)):
-            z = int(np.clip(round(centroid[0]), 0, labels.shape[0] - 1))
+            z = int(np.clip(round(centroid[0]) - box[0].start, 0, len(axis_mm) - 1))  # beyond the ends: the end slice
             offset = np.hypot(centroid[1] * spacing_mm[1] - axis_mm[z, 0], centroid[2] * spacing_mm[2] - axis_mm[z, 1])
             keep[value] = offset <= max_column_offset_mm
     kept = keep[labels]

@@ -20,16 +20,16 @@ def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_m
 
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(make_ct_image(size=(40, 36, 30)), str(ct))
-    status = main(["bench", "--cases", str(ct), "--variants", "reference,default,onnxruntime-fp32", "--model", tiny_model_dir,
+    status = main(["bench", "--cases", str(ct), "--variants", "reference,reference-model-tile,default,onnxruntime-fp32", "--model", tiny_model_dir,
                    "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "bench.md")])
     assert status == 0
     table = (tmp_path / "bench.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ct.nii.gz")]
-    assert [row.split("|")[2].strip() for row in rows] == ["reference", "default", "onnxruntime-fp32"]
+    assert [row.split("|")[2].strip() for row in rows] == ["reference", "reference-model-tile", "default", "onnxruntime-fp32"]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[9]) > 0  # total seconds
         assert cells[11].endswith("x")  # speed-up vs reference
         # the tiny model calls everything foreground, so every variant agrees with the reference
-        assert float(cells[13]) > 0.95
+        assert float(cells[13]) > 0.95 and float(cells[15]) > 0.95  # vs the reference, and vs it at the model's tile
     assert [c.strip() for c in rows[0].strip("|").split("|")][12] == "-"  # no 1 mm reference in this run

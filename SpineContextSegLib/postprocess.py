@@ -113,11 +113,15 @@ def clean_probability(
     keep[1:] = sizes_ml >= min_island_ml
     if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
         largest = int(np.argmax(sizes_ml)) + 1
-        box = ndimage.find_objects(labels, max_label=largest)[largest - 1]  # the axis within its bounding box
+        boxes = ndimage.find_objects(labels)  # one pass; centroids and the axis are then computed inside small boxes
+        box = boxes[largest - 1]
         axis_mm, _ = column_axis_mm(labels[box] == largest, spacing_mm)
         axis_mm += np.array([box[1].start * spacing_mm[1], box[2].start * spacing_mm[2]])
-        candidates = [value for value in np.flatnonzero(keep) if value != largest]
-        for value, centroid in zip(candidates, ndimage.center_of_mass(foreground, labels, candidates)):
+        for value in np.flatnonzero(keep):
+            if value == largest:
+                continue
+            piece = boxes[value - 1]
+            centroid = np.mean(np.nonzero(labels[piece] == value), axis=1) + [s.start for s in piece]
             z = int(np.clip(round(centroid[0]) - box[0].start, 0, len(axis_mm) - 1))  # beyond the ends: the end slice
             offset = np.hypot(centroid[1] * spacing_mm[1] - axis_mm[z, 0], centroid[2] * spacing_mm[2] - axis_mm[z, 1])
             keep[value] = offset <= max_column_offset_mm
@@ -128,8 +132,13 @@ def clean_probability(
     removed = foreground & ~kept
     if removed.any():
         cleaned[ndimage.binary_dilation(removed, iterations=1) & ~kept] = 0.0
-    if fill_holes:
-        filled = ndimage.binary_fill_holes(kept)
-        cleaned[filled & ~kept] = 1.0
+    if fill_holes and kept.any():
+        # Enclosed holes lie inside the kept mask's bounding box: fill there (1 voxel of margin
+        # keeps background that touches the box's faces connected to the outside).
+        extent = ndimage.find_objects(kept.view(np.uint8))[0]
+        region = tuple(slice(max(0, part.start - 1), part.stop + 1) for part in extent)
+        holes = ndimage.binary_fill_holes(kept[region]) & ~kept[region]
+        cleaned[region][holes] = 1.0
     info = {"components": int(count), "kept_components": int(keep.sum()), "spine_ml": round(float(sizes_ml[keep[1:]].sum()), 2)}
     return cleaned, info
+

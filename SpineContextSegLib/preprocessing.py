@@ -130,12 +130,13 @@ def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", 
     resampling the whole grid.
     """
     import SimpleITK as sitk
+    from scipy import ndimage
 
-    array = sitk.GetArrayViewFromImage(probability)
-    nonzero = np.argwhere(array > 0)
+    extent = ndimage.find_objects((sitk.GetArrayViewFromImage(probability) > 0).view(np.uint8))
     mask = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
-    if nonzero.size:
-        low_kji, high_kji = nonzero.min(axis=0) - 1, nonzero.max(axis=0) + 1
+    if extent:
+        low_kji = np.array([part.start for part in extent[0]]) - 1
+        high_kji = np.array([part.stop for part in extent[0]])  # last index + 1
         corners = [
             reference.TransformPhysicalPointToContinuousIndex(probability.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner[::-1]]))
             for corner in itertools.product(*zip(low_kji, high_kji))

@@ -106,6 +106,21 @@ def test_clean_probability_drops_small_islands_and_fills_holes():
     assert cleaned[10, 10, 10] == pytest.approx(0.9)
 
 
+def test_clean_probability_fills_exactly_the_holes_a_whole_volume_fill_finds():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    # A porous block touching one face of the array: enclosed pores are filled; pores open to
+    # the outside (through that face or the block's surface) are not.
+    probability = np.zeros((40, 36, 32), np.float32)
+    probability[10:30, 0:20, 4:24] = 0.95 * (rng.random((20, 20, 20)) > 0.15)
+    spine = ndimage.label(probability >= 0.5, structure=np.ones((3, 3, 3), bool))[0] == 1
+    cleaned, _ = clean_probability(probability * spine, (1.0, 1.0, 1.0), min_island_ml=0.0, min_spine_ml=0.001, max_column_offset_mm=np.inf)
+    expected = ndimage.binary_fill_holes(spine)
+    assert (expected & ~spine).sum() > 10  # the case has enclosed holes
+    np.testing.assert_array_equal(cleaned >= 0.5, expected)
+
+
 def test_stop_check_reports_cancel_file_and_signal(tmp_path):
     flag = tmp_path / "cancel"
     stop = StopCheck(str(flag))

@@ -141,4 +141,3 @@ def clean_probability(
         cleaned[region][holes] = 1.0
     info = {"components": int(count), "kept_components": int(keep.sum()), "spine_ml": round(float(sizes_ml[keep[1:]].sum()), 2)}
     return cleaned, info
-

@@ -201,12 +201,18 @@ def dice_between(a_path: str, b_path: str) -> float:
 
 
 def ground_truth_dice(mask_path: str, case) -> Optional[float]:
+    """Dice of a variant's mask against ground truth: ``case`` is a data-set case (slab Dice,
+    see :func:`metrics.score_masks`), the path of a complete label map (the full-size phantom's:
+    whole-volume Dice), or None (no ground truth)."""
     import SimpleITK as sitk
 
     from .metrics import score_masks
 
     if case is None:
         return None
+    if isinstance(case, str):
+        scores = score_masks(sitk.ReadImage(mask_path), sitk.ReadImage(case) > 0, use_slab=False, surface_distances=False)
+        return float(scores["dice"])
     gt = case.load_spine_mask()
     if gt is None:
         return None
@@ -268,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     cases = _collect_cases(args.cases)
     if args.full_size:
         path = full_size_phantom(os.path.join(work, "full_size_phantom.nii.gz"))
-        cases.append(("phantom-512x512x400", path, None))
+        label_path = path.replace(".nii.gz", "_label.nii.gz")
+        cases.append(("phantom-512x512x400", path, label_path if os.path.exists(label_path) else None))
     rows = []
     for case_id, image_path, case in cases:
         case_rows = []

@@ -20,24 +20,27 @@ MAX_COLUMN_OFFSET_MM = 35.0
 
 
 def column_axis_mm(component: np.ndarray, spacing_mm: Sequence[float], smoothing_mm: float = 25.0) -> Tuple[np.ndarray, np.ndarray]:
-    """In-plane centre of a spine component in every axial slice, in mm.
+    """In-plane centre of the spine mask in every axial slice, in mm.
 
     Parameters
     ----------
     component : (D, H, W) bool
-        One connected component on the canonical grid (numpy axis 0 = inferior->superior).
+        The spine (one or more pieces) on the canonical grid (numpy axis 0 = inferior->superior).
     spacing_mm : (3,) float
         Voxel spacing (z, y, x), mm.
     smoothing_mm : float
         Length of the running median along z (slices through a disc hold only the posterior
-        arch, whose centre lies behind the body's).
+        arch, whose centre lies behind the body's), and of the end stretch whose centroid the
+        axis keeps beyond each end.
 
     Returns
     -------
     centre_mm : (D, 2) float
-        (y, x) mm of the centre; slices beyond the component's ends take its end slice's value.
+        (y, x) mm of the centre. Between pieces it is interpolated linearly; beyond the ends it
+        is the centroid of the last ``smoothing_mm`` of the mask (about one vertebra: its end
+        slice alone may be a spinous process, 20-30 mm behind the body).
     covered : (D,) bool
-        Slices the component occupies.
+        Slices the mask occupies.
     """
     from scipy import ndimage
 
@@ -45,15 +48,16 @@ def column_axis_mm(component: np.ndarray, spacing_mm: Sequence[float], smoothing
     depth = component.shape[0]
     counts = np.bincount(z, minlength=depth).astype(np.float64)
     covered = counts > 0
-    centre = np.zeros((depth, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centre[:, 0] = np.bincount(z, weights=y, minlength=depth) / counts * spacing_mm[1]
-        centre[:, 1] = np.bincount(z, weights=x, minlength=depth) / counts * spacing_mm[2]
+    sums = np.stack([np.bincount(z, weights=y, minlength=depth) * spacing_mm[1], np.bincount(z, weights=x, minlength=depth) * spacing_mm[2]], axis=1)
     index = np.flatnonzero(covered)
     size = max(1, int(round(smoothing_mm / spacing_mm[0])) | 1)
+    centre = np.zeros((depth, 2))
     for axis in range(2):
-        centre[index, axis] = ndimage.median_filter(centre[index, axis], size=size, mode="nearest")
-        centre[:, axis] = np.interp(np.arange(depth), index, centre[index, axis])  # constant beyond the ends
+        smoothed = ndimage.median_filter(sums[index, axis] / counts[index], size=size, mode="nearest")
+        centre[:, axis] = np.interp(np.arange(depth), index, smoothed)
+    stretch = int(round(smoothing_mm / spacing_mm[0]))
+    for beyond, end in ((slice(0, index[0]), slice(index[0], index[0] + stretch)), (slice(index[-1] + 1, depth), slice(max(0, index[-1] + 1 - stretch), index[-1] + 1))):
+        centre[beyond] = sums[end].sum(axis=0) / counts[end].sum()
     return centre, covered
 
 
@@ -83,9 +87,9 @@ def clean_probability(
         If the largest component is smaller than this, there is no spine: raises
         ``SegmentationError("no_spine_found")``.
     max_column_offset_mm : float
-        Components whose centroid lies further than this in-plane from the largest
-        component's axis (:func:`column_axis_mm`, at the centroid's slice or the nearest end)
-        are removed: false positives beside the spine, not parts of it. ``inf`` keeps them.
+        Components whose centroid lies further than this in-plane from the column's axis
+        are removed: false positives beside the spine, not parts of it. The column grows
+        from the largest component (see :func:`_pieces_on_the_column`). ``inf`` keeps them.
     fill_holes : bool
         Set enclosed background (e.g. an under-segmented trabecular core) to foreground.
 
@@ -112,19 +116,7 @@ def clean_probability(
     keep = np.zeros(count + 1, dtype=bool)
     keep[1:] = sizes_ml >= min_island_ml
     if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
-        largest = int(np.argmax(sizes_ml)) + 1
-        boxes = ndimage.find_objects(labels)  # one pass; centroids and the axis are then computed inside small boxes
-        box = boxes[largest - 1]
-        axis_mm, _ = column_axis_mm(labels[box] == largest, spacing_mm)
-        axis_mm += np.array([box[1].start * spacing_mm[1], box[2].start * spacing_mm[2]])
-        for value in np.flatnonzero(keep):
-            if value == largest:
-                continue
-            piece = boxes[value - 1]
-            centroid = np.mean(np.nonzero(labels[piece] == value), axis=1) + [s.start for s in piece]
-            z = int(np.clip(round(centroid[0]) - box[0].start, 0, len(axis_mm) - 1))  # beyond the ends: the end slice
-            offset = np.hypot(centroid[1] * spacing_mm[1] - axis_mm[z, 0], centroid[2] * spacing_mm[2] - axis_mm[z, 1])
-            keep[value] = offset <= max_column_offset_mm
+        keep = _pieces_on_the_column(labels, keep, sizes_ml, spacing_mm, max_column_offset_mm)
     kept = keep[labels]
     cleaned = np.where(kept | ~foreground, probability, np.float32(0.0)).astype(np.float32, copy=False)
     # Below-threshold voxels next to a removed island would re-form a thin shell after linear
@@ -141,3 +133,48 @@ def clean_probability(
         cleaned[region][holes] = 1.0
     info = {"components": int(count), "kept_components": int(keep.sum()), "spine_ml": round(float(sizes_ml[keep[1:]].sum()), 2)}
     return cleaned, info
+
+
+def _pieces_on_the_column(labels: np.ndarray, keep: np.ndarray, sizes_ml: np.ndarray, spacing_mm: Sequence[float], max_offset_mm: float, seeds: int = 3) -> np.ndarray:
+    """``keep`` with the components off the vertebral column set to False.
+
+    A column starts from one large component and grows: every kept component whose centroid
+    lies within ``max_offset_mm`` (in-plane) of the column's axis (:func:`column_axis_mm` at
+    the centroid's slice) joins it, and the axis is recomputed from the grown column until
+    nothing more joins. Growing piece by piece follows a curved column whose vertebrae are
+    separate components (a mask cut at every disc). Each of the ``seeds`` largest components
+    starts a column; the one holding the most volume is the spine (a hip bone or a
+    contrast-filled aorta can be larger than any single vertebra, not than the column).
+    """
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(labels)  # one pass; everything else is computed inside boxes
+    centroids = {}
+    for value in np.flatnonzero(keep):
+        piece = boxes[value - 1]
+        centroids[value] = np.mean(np.nonzero(labels[piece] == value), axis=1) + [part.start for part in piece]
+
+    def grow(seed: int) -> set:
+        column = {seed}
+        candidates = set(centroids) - column
+        while candidates:
+            box = tuple(slice(min(boxes[v - 1][a].start for v in column), max(boxes[v - 1][a].stop for v in column)) for a in range(3))
+            axis_mm, _ = column_axis_mm(np.isin(labels[box], list(column)), spacing_mm)
+            axis_mm += np.array([box[1].start * spacing_mm[1], box[2].start * spacing_mm[2]])
+            joining = set()
+            for value in candidates:
+                centroid = centroids[value]
+                z = int(np.clip(round(centroid[0]) - box[0].start, 0, len(axis_mm) - 1))  # beyond the ends: the end value
+                if np.hypot(centroid[1] * spacing_mm[1] - axis_mm[z, 0], centroid[2] * spacing_mm[2] - axis_mm[z, 1]) <= max_offset_mm:
+                    joining.add(value)
+            if not joining:
+                break
+            column |= joining
+            candidates -= joining
+        return column
+
+    columns = [grow(int(seed) + 1) for seed in np.argsort(-sizes_ml)[:seeds] if keep[seed + 1]]
+    spine = max(columns, key=lambda column: sum(sizes_ml[v - 1] for v in column))
+    on_column = np.zeros_like(keep)
+    on_column[list(spine)] = True
+    return keep & on_column

@@ -1,6 +1,8 @@
 """The benchmark runs each variant in a child process and compares masks and times."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from SpineContextSegLib.bench import repository_tile_starts
@@ -33,3 +35,17 @@ def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_m
         # the tiny model calls everything foreground, so every variant agrees with the reference
         assert float(cells[13]) > 0.95 and float(cells[15]) > 0.95  # vs the reference, and vs it at the model's tile
     assert [c.strip() for c in rows[0].strip("|").split("|")][12] == "-"  # no 1 mm reference in this run
+
+
+def test_ground_truth_dice_scores_against_a_label_map_file(tmp_path):
+    from SpineContextSegLib.bench import ground_truth_dice
+
+    truth = np.zeros((20, 20, 20), np.uint8)
+    truth[5:15, 5:15, 5:15] = 1
+    predicted = np.zeros_like(truth)
+    predicted[5:15, 5:15, 10:20] = 1  # half of it overlaps
+    for name, array in (("truth.nii.gz", truth), ("predicted.nii.gz", predicted)):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / name))
+    assert ground_truth_dice(str(tmp_path / "predicted.nii.gz"), str(tmp_path / "truth.nii.gz")) == pytest.approx(0.5)
+    assert ground_truth_dice(str(tmp_path / "truth.nii.gz"), str(tmp_path / "truth.nii.gz")) == pytest.approx(1.0)
+    assert ground_truth_dice(str(tmp_path / "truth.nii.gz"), None) is None

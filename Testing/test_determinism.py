@@ -6,7 +6,8 @@ last bit of any probability that changed between runs would flip voxels of the m
 
 What is needed: a fixed engine, device and ``--threads`` (each engine is built with an
 explicit thread count; ONNX Runtime also gets one inter-op thread). Checked here on the
-CPU for ONNX Runtime, OpenVINO and torch, with fresh engines and in fresh processes. Not
+CPU for ONNX Runtime, OpenVINO (fp32 and bf16, the default on CPUs with native bf16) and
+torch, with fresh engines and in fresh processes. Not
 guaranteed, and not tested: a different thread count (the reduction order may change the
 last bits), and CUDA (onnxruntime-gpu and torch pick cuDNN algorithms at run time), see
 the README (Troubleshooting, Notes).
@@ -26,7 +27,7 @@ from conftest import ROOT, make_ct_image, make_tiny_model
 from SpineContextSegLib.engine import InferenceEngine, create_engine
 from SpineContextSegLib.pipeline import SegmentOptions, segment_image
 
-ENGINES = [("onnxruntime", 1), ("onnxruntime", 2), ("openvino", 1), ("openvino", 2), ("torch", 2)]
+ENGINES = [("onnxruntime", 1, "fp32"), ("onnxruntime", 2, "fp32"), ("openvino", 1, "fp32"), ("openvino", 2, "fp32"), ("openvino", 2, "bf16"), ("torch", 2, "fp32")]
 
 
 @pytest.fixture(scope="module")
@@ -66,36 +67,36 @@ def median_threshold(random_model, ct):
     return float(np.median(probabilities))
 
 
-def _mask(ct_image, model, engine_name, threads, threshold):
-    engine = create_engine(model, engine=engine_name, device="cpu", threads=threads)
+def _mask(ct_image, model, engine_name, threads, precision, threshold):
+    engine = create_engine(model, engine=engine_name, device="cpu", threads=threads, precision=precision)
     options = SegmentOptions(min_spine_ml=0.0, min_island_ml=0.0, threshold=threshold, overlap=0.5)
     return sitk.GetArrayFromImage(segment_image(ct_image, options, bundle=model, engine=engine).mask)
 
 
-@pytest.mark.parametrize("engine_name,threads", ENGINES)
-def test_repeated_runs_with_fresh_engines_give_bit_identical_masks(random_model, ct, median_threshold, engine_name, threads):
+@pytest.mark.parametrize("engine_name,threads,precision", ENGINES)
+def test_repeated_runs_with_fresh_engines_give_bit_identical_masks(random_model, ct, median_threshold, engine_name, threads, precision):
     if engine_name == "openvino":
         pytest.importorskip("openvino")
     if engine_name == "torch":
         pytest.importorskip("torch")
-    first = _mask(ct[0], random_model, engine_name, threads, median_threshold)
+    first = _mask(ct[0], random_model, engine_name, threads, precision, median_threshold)
     assert 0.2 < first.mean() < 0.8  # many voxels at the boundary
     for _ in range(2):
-        np.testing.assert_array_equal(_mask(ct[0], random_model, engine_name, threads, median_threshold), first)
+        np.testing.assert_array_equal(_mask(ct[0], random_model, engine_name, threads, precision, median_threshold), first)
 
 
-@pytest.mark.parametrize("engine_name,threads", ENGINES)
-def test_the_network_output_is_bit_identical_call_after_call(random_model, engine_name, threads):
+@pytest.mark.parametrize("engine_name,threads,precision", ENGINES)
+def test_the_network_output_is_bit_identical_call_after_call(random_model, engine_name, threads, precision):
     if engine_name == "openvino":
         pytest.importorskip("openvino")
     if engine_name == "torch":
         pytest.importorskip("torch")
     batch = np.random.default_rng(1).random((2, 1, 16, 32, 32), dtype=np.float32)
-    engine = create_engine(random_model, engine=engine_name, device="cpu", threads=threads)
+    engine = create_engine(random_model, engine=engine_name, device="cpu", threads=threads, precision=precision)
     first = engine.predict(batch)
     assert first.dtype == np.float32 and first.shape == (2, 1, 16, 32, 32)
     assert np.array_equal(engine.predict(batch), first)
-    assert np.array_equal(create_engine(random_model, engine=engine_name, device="cpu", threads=threads).predict(batch), first)
+    assert np.array_equal(create_engine(random_model, engine=engine_name, device="cpu", threads=threads, precision=precision).predict(batch), first)
 
 
 def test_two_worker_processes_write_the_same_mask(tmp_path, random_model, ct, median_threshold):

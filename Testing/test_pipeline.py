@@ -245,3 +245,23 @@ def test_clean_probability_drops_pieces_beside_the_column_and_keeps_pieces_on_it
     assert cleaned[15, 35, 72] == 0.0 and cleaned[55, 3, 40] == 0.0
     kept_all, info = clean_probability(probability, (2.0, 2.0, 2.0), max_column_offset_mm=float("inf"))
     assert info["kept_components"] == 4 and kept_all[15, 35, 72] == pytest.approx(0.9)
+
+
+def test_clean_probability_keeps_a_curved_column_cut_at_every_disc_and_drops_a_larger_bone_beside_it():
+    # 2 mm grid. Eight separate "vertebrae" (a body and a spinous process that slopes down
+    # behind the next disc), drifting 3 mm per level (kyphosis), and a hip-like block beside
+    # the column that is larger than any single vertebra.
+    probability = np.zeros((140, 100, 120), np.float32)
+    for level in range(8):
+        z0, shift = 10 + level * 15, level * 3 // 2  # 30 mm per level, 3 mm drift
+        probability[z0 : z0 + 12, 30 + shift : 45 + shift, 40:55] = 0.9  # body
+        probability[z0 + 2 : z0 + 10, 45 + shift : 48 + shift, 45:50] = 0.9  # pedicle
+        probability[z0 - 4 : z0 + 6, 48 + shift : 62 + shift, 45:50] = 0.9  # spinous process, behind and below
+    probability[20:40, 20:35, 90:105] = 0.9  # hip-like, ~100 mm lateral, 36 ml (a vertebra: 28 ml)
+    cleaned, info = clean_probability(probability, (2.0, 2.0, 2.0))
+    assert info["components"] == 9 and info["kept_components"] == 8
+    for level in range(8):
+        z0, shift = 10 + level * 15, level * 3 // 2
+        assert cleaned[z0 + 6, 37 + shift, 47] == pytest.approx(0.9), level
+        assert cleaned[z0 - 3, 58 + shift, 47] == pytest.approx(0.9), level
+    assert cleaned[30, 27, 97] == 0.0

@@ -100,7 +100,7 @@ _TROUBLESHOOTING_NOTES = """\
   or resampled (`input_too_large`), using MemAvailable + free swap and the cgroup limit.
 - **Same input, same mask.** On the CPU, the same input, model, engine and `--threads` give a
   bit-identical mask on every run (ONNX Runtime, OpenVINO in fp32 and bf16, torch). Masks of
-  different precisions differ slightly (Dice 0.994–0.999 between bf16 and fp32 masks on the
+  different precisions differ slightly (Dice 0.996–0.999 between bf16 and fp32 masks on the
   benchmark's cases). A different thread count may change the last bits of the probabilities
   and so flip single voxels at the threshold;
   pass `--threads N` to compare runs across machines. On CUDA (onnxruntime-gpu, torch) results

@@ -19,7 +19,7 @@ from .errors import SegmentationError
 MAX_COLUMN_OFFSET_MM = 35.0
 
 
-def column_axis_mm(component: np.ndarray, spacing_mm: Sequence[float], smoothing_mm: float = 25.0) -> Tuple[np.ndarray, np.ndarray]:
+def column_axis_mm(component: np.ndarray, spacing_mm: Sequence[float], smoothing_mm: float = 25.0) -> np.ndarray:
     """In-plane centre of the spine mask in every axial slice, in mm.
 
     Parameters
@@ -39,26 +39,23 @@ def column_axis_mm(component: np.ndarray, spacing_mm: Sequence[float], smoothing
         (y, x) mm of the centre. Between pieces it is interpolated linearly; beyond the ends it
         is the centroid of the last ``smoothing_mm`` of the mask (about one vertebra: its end
         slice alone may be a spinous process, 20-30 mm behind the body).
-    covered : (D,) bool
-        Slices the mask occupies.
     """
     from scipy import ndimage
 
     z, y, x = np.nonzero(component)
     depth = component.shape[0]
     counts = np.bincount(z, minlength=depth).astype(np.float64)
-    covered = counts > 0
     sums = np.stack([np.bincount(z, weights=y, minlength=depth) * spacing_mm[1], np.bincount(z, weights=x, minlength=depth) * spacing_mm[2]], axis=1)
-    index = np.flatnonzero(covered)
+    index = np.flatnonzero(counts)  # the slices the mask occupies
     size = max(1, int(round(smoothing_mm / spacing_mm[0])) | 1)
     centre = np.zeros((depth, 2))
     for axis in range(2):
         smoothed = ndimage.median_filter(sums[index, axis] / counts[index], size=size, mode="nearest")
         centre[:, axis] = np.interp(np.arange(depth), index, smoothed)
-    stretch = int(round(smoothing_mm / spacing_mm[0]))
+    stretch = max(1, int(round(smoothing_mm / spacing_mm[0])))
     for beyond, end in ((slice(0, index[0]), slice(index[0], index[0] + stretch)), (slice(index[-1] + 1, depth), slice(max(0, index[-1] + 1 - stretch), index[-1] + 1))):
         centre[beyond] = sums[end].sum(axis=0) / counts[end].sum()
-    return centre, covered
+    return centre
 
 
 def clean_probability(
@@ -89,7 +86,8 @@ def clean_probability(
     max_column_offset_mm : float
         Components whose centroid lies further than this in-plane from the column's axis
         are removed: false positives beside the spine, not parts of it. The column grows
-        from the largest component (see :func:`_pieces_on_the_column`). ``inf`` keeps them.
+        piece by piece from a large component (see :func:`_pieces_on_the_column`). ``inf``
+        keeps them.
     fill_holes : bool
         Set enclosed background (e.g. an under-segmented trabecular core) to foreground.
 
@@ -159,7 +157,7 @@ def _pieces_on_the_column(labels: np.ndarray, keep: np.ndarray, sizes_ml: np.nda
         candidates = set(centroids) - column
         while candidates:
             box = tuple(slice(min(boxes[v - 1][a].start for v in column), max(boxes[v - 1][a].stop for v in column)) for a in range(3))
-            axis_mm, _ = column_axis_mm(np.isin(labels[box], list(column)), spacing_mm)
+            axis_mm = column_axis_mm(np.isin(labels[box], list(column)), spacing_mm)
             axis_mm += np.array([box[1].start * spacing_mm[1], box[2].start * spacing_mm[2]])
             joining = set()
             for value in candidates:

@@ -937,8 +937,10 @@ def caudal_fragment(instances: np.ndarray, line: Centreline, spacing_mm, field_o
     one level down. It is told from a vertebra by size: it is not cut by the field of view,
     yet holds less than :data:`CAUDAL_FRAGMENT_VOLUME_SHARE` of the median volume of the
     other whole vertebrae, and its thickest part (largest in-plane distance to its edge) is
-    thinner than :data:`CAUDAL_FRAGMENT_RADIUS_SHARE` of the vertebra above's (an
-    under-segmented L5 keeps slices through its whole body; a real L6 is a whole vertebra).
+    thinner than :data:`CAUDAL_FRAGMENT_RADIUS_SHARE` of the column's typical vertebra (the
+    median over the whole ones above: an under-segmented L5 keeps slices through its whole
+    body; a real L6 is a whole vertebra). The median, not the vertebra right above: the mask
+    that took in the top of S1 has often lost part of the L5 body, which then is thin too.
 
     Parameters
     ----------
@@ -963,13 +965,15 @@ def caudal_fragment(instances: np.ndarray, line: Centreline, spacing_mm, field_o
         return 0
     if geometry[-1].volume_ml >= CAUDAL_FRAGMENT_VOLUME_SHARE * float(np.median(whole)):
         return 0
-    lowest, above = len(geometry), len(geometry) - 1
+    lowest = len(geometry)
     # measured on the pieces themselves: the centreline's radius is smoothed over ~2 vertebrae
     thickest = {}
-    for value, box in ((v, b) for v, b in enumerate(ndimage.find_objects(instances, max_label=lowest), start=1) if v in (above, lowest)):
-        piece = np.pad(instances[box] == value, 1) if box is not None else np.zeros((1, 1, 1), dtype=bool)  # a background rim for the distances
-        thickest[value] = float(in_plane_thickness_mm(piece, spacing_mm).max())
-    return lowest if thickest[lowest] < CAUDAL_FRAGMENT_RADIUS_SHARE * thickest[above] else 0
+    for value, box in enumerate(ndimage.find_objects(instances, max_label=lowest), start=1):
+        if box is not None and (value == lowest or not geometry[value - 1].truncated):
+            piece = np.pad(instances[box] == value, 1)  # a background rim for the distances
+            thickest[value] = float(in_plane_thickness_mm(piece, spacing_mm).max())
+    typical = float(np.median([t for value, t in thickest.items() if value != lowest]))
+    return lowest if thickest.get(lowest, 0.0) < CAUDAL_FRAGMENT_RADIUS_SHARE * typical else 0
 
 
 def _sub_centreline(line: Centreline, z_lo: int, z_hi: int) -> Centreline:

@@ -429,3 +429,21 @@ def test_bone_below_the_column_is_judged_on_the_part_the_scan_shows():
     assert vertebrae._end_evidence(found, caudal=True)["bone_found"]
     assert not vertebrae._end_evidence(dict(found, fov_share=1.0), caudal=True)["bone_found"]
     assert not vertebrae._end_evidence(dict(found, fov_share=0.05, central_ml=0.3), caudal=True)["bone_found"]  # a quarter at least
+
+
+def test_a_sacral_piece_below_a_thinned_l5_is_still_the_sacrum():
+    # verse014 with this model: the mask lost the outer part of the L5 body and took in the top
+    # of S1. Compared only with the thin L5 above it, the S1 piece would pass for a vertebra
+    # (an "L6" that shifts every name up by one); the column's typical vertebra tells.
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True)
+    mask, fragment = _with_sacral_fragment(ct, mask, truth)
+    centre_x = ct.shape[2] * 2.0 / 2
+    far_from_midline = np.abs(np.arange(ct.shape[2]) * 2.0 - centre_x)[None, None, :] > 7.0
+    l5_body_rim = (truth == 5) & far_from_midline & (np.arange(ct.shape[1]) * 2.0 < 20.0 + 2.0 * 15.0)[None, :, None]
+    mask = mask & ~l5_body_rim
+    instances, details = vertebrae.split_vertebrae(mask, ct, 2.0, return_details=True)
+    assert instances.max() == 6
+    assert (instances[(truth == 5) & mask] == 5).mean() > 0.5 and not (truth[instances == 5] == 4).any()  # the thinned L5 is still a vertebra of its own
+    thickest = [vertebrae.in_plane_thickness_mm(np.pad(instances == v, 1), 2.0).max() for v in (4, 5, 6)]
+    assert thickest[2] >= 0.8 * thickest[1]  # as thick as the thinned L5: the old test kept it
+    assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 6

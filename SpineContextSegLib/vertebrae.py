@@ -12,8 +12,10 @@ axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left), isot
    at every intervertebral disc (discs are not bone). Discs are the deep minima of that
    profile, no closer together than about half a vertebra; a segment as long as two
    vertebrae is searched again for a shallow minimum (a disc bridged by osteophytes)
-   (:func:`find_disc_levels`). Each vertebra gets two seeds, the core of its body and the
-   bone just behind its body at pedicle level; the seeds grow through the mask, thick
+   (:func:`find_disc_levels`). Each vertebra gets three seeds, the core of its body, the
+   bone just behind its body at pedicle level and the midline behind the canal where its
+   laminae meet (so its spinous process is its own even where the mask bridges the joints to
+   the vertebra below); the seeds grow through the mask, thick
    bone first (adjacent vertebrae touch at thin necks: facet joints, osteophytes),
    geodesically within a thickness level (:func:`grow_labels`). Every label ends up one
    26-connected piece (:func:`keep_largest_pieces`). A mask whose bodies are hollow
@@ -636,8 +638,11 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     bounds = [start] + discs + [end]
     voxel_ml = float(np.prod(spacing)) / 1000.0
 
-    # seeds: the body core (central half of the segment, inside the cylinder) and the bone just
-    # behind the body at pedicle level (pedicles, lamina roots), which carries the posterior arch
+    # seeds: the body core (central half of the segment, inside the cylinder); the bone just
+    # behind the body at pedicle level (pedicles, lamina roots), which carries the posterior
+    # arch; and the midline just behind the canal down to the disc below, where the laminae
+    # meet and the spinous process leaves the arch: a mask that bridges the joints to the
+    # vertebra below would otherwise let that vertebra reach the spinous process first
     radius_max = float(line.body_radius_mm.max())
     tube = _tube_voxels(mask.shape, line, spacing, 3.0 * radius_max)
     tube = tube[filled.reshape(-1)[tube]]
@@ -650,6 +655,7 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     posterior = points[:, 1] - np.interp(points[:, 0], line.z_mm, line.y_mm)
     left = points[:, 2] - np.interp(points[:, 0], line.z_mm, line.x_mm)
     in_arch = (posterior > 0.8 * slice_radius) & (posterior < 2.0 * slice_radius) & (np.abs(left) < 1.2 * slice_radius)
+    in_lamina_junction = (posterior > 1.4 * slice_radius) & (posterior < 2.8 * slice_radius) & (np.abs(left) < 0.3 * slice_radius)
     segments = [(low, high) for low, high in zip(bounds[:-1], bounds[1:]) if high - low > 2.0 * spacing[0]]
     seeds = np.zeros(mask.shape, dtype=np.int32)
     count = len(segments)
@@ -657,7 +663,7 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         length = high - low
         value = count - order  # segments run inferior -> superior; label 1 is the most cranial
         body = in_body & (arc >= low + 0.25 * length) & (arc <= high - 0.25 * length)
-        arch = in_arch & (arc >= low + 0.25 * length) & (arc <= low + 0.6 * length)
+        arch = ((in_arch & (arc >= low + 0.25 * length)) | (in_lamina_junction & (arc >= low))) & (arc <= low + 0.6 * length)
         seeds.reshape(-1)[tube[body | arch]] = value
     if count == 0:  # no body column at all: one label for the largest piece
         pieces, _ = ndimage.label(mask, structure=_CUBE)

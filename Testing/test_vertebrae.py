@@ -447,3 +447,26 @@ def test_a_sacral_piece_below_a_thinned_l5_is_still_the_sacrum():
     thickest = [vertebrae.in_plane_thickness_mm(np.pad(instances == v, 1), 2.0).max() for v in (4, 5, 6)]
     assert thickest[2] >= 0.8 * thickest[1]  # as thick as the thinned L5: the old test kept it
     assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 6
+
+
+def test_a_spinous_process_stays_with_its_vertebra_when_the_mask_bridges_to_the_one_below():
+    # a network's mask often fills the facet joints and the gap between a spinous process and
+    # the lamina below; the spinous process must still be exported with its own vertebra
+    spacing, radius = 2.0, 15.0
+    ct, mask, truth = make_spine(LUMBAR, spacing=spacing)
+    z, y, x = (np.arange(n) * spacing for n in ct.shape)
+    z, y, x = z[:, None, None], y[None, :, None], x[None, None, :]
+    centre_x, centre_y = ct.shape[2] * spacing / 2, 20.0 + radius
+    bridged = mask.copy()
+    for value in range(1, 5):
+        body_bottom = np.nonzero(((truth == value) & (y < centre_y + radius)).any(axis=(1, 2)))[0].min() * spacing
+        bridged |= (z >= body_bottom - 13) & (z <= body_bottom - 5) & (y >= centre_y + 1.9 * radius) & (y <= centre_y + 3.3 * radius) & (np.abs(x - centre_x) <= 3.0)
+        for side in (-1.0, 1.0):  # facet joints
+            bridged |= (z >= body_bottom - 9) & (z <= body_bottom + 1) & (y >= centre_y + 1.5 * radius) & (y <= centre_y + 2.1 * radius) & (np.abs(x - centre_x - side * 0.6 * radius) <= 4.0)
+    assert ndimage.label(bridged, structure=np.ones((3, 3, 3)))[1] == 1  # one piece: the arches touch
+    instances = vertebrae.split_vertebrae(bridged, ct, spacing)
+    assert instances.max() == 5
+    spinous = y >= centre_y + 2.3 * radius
+    for value in range(1, 6):
+        own = instances[(truth == value) & spinous]
+        assert (own == value).mean() >= 0.95, f"vertebra {value}: its spinous process went to {np.bincount(own)}"

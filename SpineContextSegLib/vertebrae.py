@@ -25,8 +25,9 @@ axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left), isot
    against the evidence: ribs beside a vertebra (:func:`rib_evidence`: thoracic), bone
    outside the mask right below the lowest vertebra, with alae (:func:`bone_beyond_column`:
    the sacrum, so the lowest vertebra is the last lumbar one), a skull base above the
-   highest (it is C1; C1 and C2 arrive as one segment and are split afterwards,
-   :func:`split_atlas_from_axis`), and the body size (:data:`EXPECTED_BODY_RADIUS_MM`).
+   highest (it is C1; C1 and C2 usually arrive as one segment and are split afterwards,
+   :func:`split_atlas_from_axis`; a mask with a gap under the atlas gives C1 alone), and
+   the body size (:data:`EXPECTED_BODY_RADIUS_MM`).
    The best run wins; its share of the total likelihood is the reported ``confidence``.
 
 :func:`label_vertebrae` runs all three on SimpleITK images and returns the VerSe label map
@@ -1003,6 +1004,9 @@ BODY_RADIUS_LOG_SIGMA = 0.25
 CHAIN_PRIORS = {"standard": 0.92, "L6": 0.05, "T13": 0.03}
 #: Pseudo-id of a first segment holding C1 and C2 together (C1 has no body, so no disc separates them).
 ATLAS_AXIS = -1
+#: Prior of a top segment that is C1 alone, relative to C1 and C2 arriving together: a mask
+#: with a gap between the atlas and the dens leaves the atlas a segment of its own.
+ATLAS_ALONE_PRIOR = 0.2
 
 
 def _chains() -> Dict[str, Tuple[int, ...]]:
@@ -1027,17 +1031,21 @@ def _rib_probability(verse_id: int) -> float:
     return RIB_FALSE_POSITIVE_RATE
 
 
-def _placements(count: int) -> List[Tuple[str, List[int]]]:
-    """Every gap-free run of ``count`` names along each chain; a run from C1 starts with C1+C2 together."""
+def _placements(count: int) -> List[Tuple[str, List[int], float]]:
+    """Every gap-free run of ``count`` names along each chain, with its prior probability.
+
+    A run from C1 starts with C1+C2 together (:data:`ATLAS_AXIS`) or, less likely
+    (:data:`ATLAS_ALONE_PRIOR`), with C1 alone.
+    """
     runs = []
     for chain_name, chain in _chains().items():
+        prior = CHAIN_PRIORS[chain_name]
         for start in range(0, len(chain)):
             if start == 0:
-                names = [ATLAS_AXIS] + list(chain[2 : count + 1])
+                candidates = [([ATLAS_AXIS] + list(chain[2 : count + 1]), prior), (list(chain[:count]), prior * ATLAS_ALONE_PRIOR)]
             else:
-                names = list(chain[start : start + count])
-            if len(names) == count:
-                runs.append((chain_name, names))
+                candidates = [(list(chain[start : start + count]), prior)]
+            runs.extend((chain_name, names, p) for names, p in candidates if len(names) == count)
     return runs
 
 
@@ -1064,7 +1072,7 @@ def _log_likelihood(names: Sequence[int], chain: Tuple[int, ...], geometry: Sequ
         if below.get("alae_found"):
             parts["sacrum"] += math.log(0.7 if last_lumbar else 0.2)
     if above.get("skull_found"):
-        parts["skull"] += math.log(0.8 if names[0] == ATLAS_AXIS else 0.05)
+        parts["skull"] += math.log(0.8 if names[0] in (ATLAS_AXIS, 1) else 0.05)
     return sum(parts.values()), parts
 
 
@@ -1102,8 +1110,9 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
       vertebra, outside the mask, favours "the lowest vertebra is the last lumbar one"
       (L5, or L6 on the L6 chain), more so with alae on both sides;
     * skull base (bone above the column belonging to one piece larger than 150 ml) favours
-      "the top segment is C1" (C1 has no body, so C1 and C2 arrive as one segment; it is
-      split into C1 and C2 after naming);
+      "the top segment is C1" (C1 has no body, so C1 and C2 usually arrive as one segment,
+      split into C1 and C2 after naming; a run may also start with C1 alone, at a lower
+      prior, :data:`ATLAS_ALONE_PRIOR`, for a mask that left a gap under the atlas);
     * body size (:data:`EXPECTED_BODY_RADIUS_MM`) of every vertebra not cut by the field
       of view: a weak cue that separates cervical, thoracic and lumbar levels.
 
@@ -1156,9 +1165,9 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
     usable = min(count, len(chains["L6"]) - 1)  # more segments than vertebrae: name the lowest ones
     offset = count - usable
     scored = []
-    for chain_name, names in _placements(usable):
+    for chain_name, names, prior in _placements(usable):
         log_l, parts = _log_likelihood(names, chains[chain_name], geometry[offset:], ribs[offset:], below, above)
-        scored.append((log_l + math.log(CHAIN_PRIORS[chain_name]), chain_name, names, parts))
+        scored.append((log_l + math.log(prior), chain_name, names, parts))
     logs = np.array([entry[0] for entry in scored])
     posterior = np.exp(logs - logs.max())
     posterior /= posterior.sum()
@@ -1188,7 +1197,7 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
         deciding.append("ribs")
     elif lowest_rib is not None and lowest_rib > offset and 8 <= best_names[lowest_rib - 1 - offset] <= 19:
         deciding.append("ribs (thoracic)")
-    if above["skull_found"] and best_names[0] == ATLAS_AXIS:
+    if above["skull_found"] and best_names[0] in (ATLAS_AXIS, 1):
         deciding.append("skull")
     present = [v for v in final_names if v]
     info: Dict[str, object] = {

@@ -309,6 +309,21 @@ def test_naming_from_the_skull_splits_atlas_from_axis():
     _assert_anatomical(labels)
 
 
+def test_an_atlas_split_off_on_its_own_is_named_c1_alone():
+    # a network's mask often leaves a gap between the atlas and C2 (the dens is thin): the top
+    # segment is then C1 alone, and the first rib-bearing vertebra (T1) is the 8th segment
+    cervical = [(6.0, 8.0)] + [(8.0, 14.0)] + [(7.5, 13.0)] * 5
+    thoracic = [(9.0, 16.0)] * 3
+    ct, mask, truth = make_spine(cervical + thoracic, spacing=1.5, disc_mm=5.0, ribs=(7, 8, 9))
+    instances, details = vertebrae.split_vertebrae(mask, ct, 1.5, return_details=True)
+    assert instances.max() == 10
+    labels, info = vertebrae.name_vertebrae(instances, ct, 1.5, centreline=details["centreline"])
+    assert [e["ribs"] for e in info["evidence"]] == [[False, False]] * 7 + [[True, True]] * 3
+    assert info["names"] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3"]
+    assert [_purity(labels, truth)[v][0] for v in range(1, 11)] == list(range(1, 11))
+    _assert_anatomical(labels)
+
+
 def test_without_any_anchor_the_confidence_stays_low():
     ct, mask, _ = make_spine([(15.0, 26.0)] * 3, margin_below_mm=0.0, margin_above_mm=0.0)  # cut at both ends
     instances = vertebrae.split_vertebrae(mask, ct, 2.0)

@@ -605,13 +605,16 @@ def mesh_labelmap_to_stl(
     index_to_physical = index_to_physical_matrix(label_image)
     selected = None if labels is None else sorted(int(v) for v in labels if int(v) != 0)
 
-    # One pass finds every label's box; per-label masks are then built inside their boxes only.
+    # Every label's box, found inside the foreground's box (a spine fills a few % of a CT);
+    # per-label masks are then built inside their boxes only.
     from scipy import ndimage
 
-    if array.size and int(array.max()) > 0:
-        boxes = ndimage.find_objects(np.maximum(array, 0) if array.min() < 0 else array)
-    else:
-        boxes = []
+    outer = foreground_bounding_box(array) if array.size else None
+    boxes: List[Optional[Tuple[slice, ...]]] = []
+    if outer is not None:
+        crop = array[outer]
+        inner = ndimage.find_objects(np.maximum(crop, 0) if crop.min() < 0 else crop)
+        boxes = [None if box is None else tuple(slice(part.start + offset.start, part.stop + offset.start) for part, offset in zip(box, outer)) for box in inner]
     present = [v for v in range(1, len(boxes) + 1) if boxes[v - 1] is not None]
     if selected is not None:
         present = [v for v in present if v in selected]

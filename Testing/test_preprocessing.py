@@ -139,7 +139,8 @@ def test_threshold_on_input_grid_equals_resampling_the_whole_grid(angles, flips,
     image.SetDirection((rotation(angles) @ np.diag(flips)).ravel().tolist())
     reference = canonical_reference(image, [2.0, 2.0, 2.0])
     rng = np.random.default_rng(0)
-    probability = np.zeros(tuple(reversed(reference.GetSize())), np.float32)
+    # below the threshold everywhere (as a network's output is), above it only in a block
+    probability = rng.random(tuple(reversed(reference.GetSize())), dtype=np.float32) * 0.49
     k, j, i = (n // 2 for n in probability.shape)
     probability[k - 3 : k + 4, j - 2 : j + 3, i - 4 : i + 2] = rng.random((7, 5, 6), dtype=np.float32)
     probability_image = sitk.GetImageFromArray(probability)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -148,8 +147,29 @@ def run_variant(variant: str, input_path: str, output_path: str, model_dir: Opti
         timings = dict(result["timings_s"])  # type: ignore[arg-type]
         info = dict(result["info"])  # type: ignore[arg-type]
     timings["total"] = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"variant": variant, "timings_s": timings, "peak_rss_mb": peak_mb, "info": info}
+    return {"variant": variant, "timings_s": timings, "peak_rss_mb": peak_rss_mb(), "info": info}
+
+
+def peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this process's own program, MB (None where it cannot be read).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. Not ``ru_maxrss``: after fork and exec it keeps
+    the parent's memory at the fork, so every variant child of a bench that generated the
+    1.4 GB full-size phantom would report at least 1.4 GB.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)  # bytes on macOS, kB elsewhere
 
 
 def _child(variant: str, input_path: str, output_path: str, model_dir: Optional[str], threads: Optional[int]) -> Dict[str, object]:
@@ -231,7 +251,7 @@ def format_table(rows: List[Dict[str, object]]) -> str:
         timings = row["timings_s"]  # type: ignore[index]
         cells = [str(row["case"]), str(row["variant"])]
         cells += [f"{timings.get(stage, 0.0):.2f}" for stage in STAGES]  # type: ignore[union-attr]
-        cells += [f"{timings['total']:.2f}", f"{row['peak_rss_mb']:.0f}"]  # type: ignore[index]
+        cells += [f"{timings['total']:.2f}", "-" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}"]  # type: ignore[index]
         cells += [f"{row['speedup']:.1f}x" if row.get("speedup") else "-"]
         cells += [f"{row['speedup_paper']:.0f}x" if row.get("speedup_paper") else "-"]
         cells += [f"{row['dice_ref']:.4f}" if row.get("dice_ref") is not None else "-"]

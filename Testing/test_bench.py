@@ -1,6 +1,8 @@
 """The benchmark runs each variant in a child process and compares masks and times."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -49,3 +51,16 @@ def test_ground_truth_dice_scores_against_a_label_map_file(tmp_path):
     assert ground_truth_dice(str(tmp_path / "predicted.nii.gz"), str(tmp_path / "truth.nii.gz")) == pytest.approx(0.5)
     assert ground_truth_dice(str(tmp_path / "truth.nii.gz"), str(tmp_path / "truth.nii.gz")) == pytest.approx(1.0)
     assert ground_truth_dice(str(tmp_path / "truth.nii.gz"), None) is None
+
+
+def test_peak_rss_of_a_variant_child_is_its_own_not_the_parents(tmp_path):
+    # bench runs each variant in a child; the child must not inherit the parent's memory as its peak
+    import subprocess
+    import sys
+
+    ballast = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MB held by this (parent) process
+    code = "from SpineContextSegLib.bench import peak_rss_mb; print(peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert ballast.sum() == ballast.size
+    if sys.platform.startswith("linux"):
+        assert 1.0 < float(child.stdout.strip()) < 300.0

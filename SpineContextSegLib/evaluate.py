@@ -43,6 +43,7 @@ _MARKDOWN_COLUMNS = (
     ("threshold_dice", f"HU>{BASELINE_HU:g} Dice", 3),
     ("identification_rate", "Identified", 3),
     ("mean_vertebra_dice", "Mean vertebra Dice", 3),
+    ("median_vertebra_hd95_mm", "Median vertebra HD95 (mm)", 1),
     ("seconds", "Seconds", 1),
 )
 
@@ -109,13 +110,16 @@ def evaluate_vertebra_cases(cases: Iterable[object], predict: Callable[["sitk.Im
 
     ``predict(ct_img)`` returns a VerSe-id label map on the CT's grid. Each row has
     ``identification_rate``, ``mean_vertebra_dice`` (over the ground truth's vertebrae; a
-    vertebra that is missing or misnamed scores 0) and ``vertebrae``: ``"L1 0.91, L2 ..."``.
+    vertebra that is missing or misnamed scores 0), ``median_vertebra_hd95_mm`` (HD95 of each
+    ground-truth vertebra against the predicted label of the same name, ``inf`` where that
+    label is missing; the median, so one missing vertebra does not hide the others) and
+    ``vertebrae``: ``"L1 0.91 (2.0 mm), L2 ..."`` (Dice and HD95 per vertebra).
     """
     import numpy as np
     import SimpleITK as sitk
 
     from .labels import vertebra_by_verse_id
-    from .metrics import check_same_grid, identification_rate, per_label_dice
+    from .metrics import check_same_grid, identification_rate, per_label_dice, per_label_hd95_mm
 
     rows = []
     for case in cases:
@@ -131,14 +135,17 @@ def evaluate_vertebra_cases(cases: Iterable[object], predict: Callable[["sitk.Im
         pred = sitk.GetArrayFromImage(pred_img)
         gt_ids = [int(v) for v in np.unique(gt) if v]
         dice = per_label_dice(pred, gt)
-        rate, _ = identification_rate(pred, gt, tuple(reversed(ct_img.GetSpacing())))
+        spacing_mm = tuple(reversed(ct_img.GetSpacing()))
+        hd95 = per_label_hd95_mm(pred, gt, spacing_mm)
+        rate, _ = identification_rate(pred, gt, spacing_mm)
         rows.append(
             {
                 "case": str(case.case_id),
                 "identification_rate": rate,
                 "mean_vertebra_dice": float(np.mean([dice.get(v, 0.0) for v in gt_ids])) if gt_ids else math.nan,
+                "median_vertebra_hd95_mm": float(np.median([hd95[v] for v in gt_ids])) if gt_ids else math.nan,
                 "seconds": seconds,
-                "vertebrae": ", ".join(f"{vertebra_by_verse_id(v).name} {dice.get(v, 0.0):.2f}" for v in gt_ids),
+                "vertebrae": ", ".join(f"{vertebra_by_verse_id(v).name} {dice.get(v, 0.0):.2f} ({_format(hd95[v], 1)} mm)" for v in gt_ids),
                 "predicted": " ".join(vertebra_by_verse_id(int(v)).name for v in np.unique(pred) if v),
             }
         )

@@ -303,4 +303,9 @@ def test_vertebra_evaluation_scores_identification_and_per_vertebra_dice():
     (row,) = evaluate_vertebra_cases([Case()], predict)
     assert row["identification_rate"] == pytest.approx(1 / 3)
     assert row["mean_vertebra_dice"] == pytest.approx(1 / 3)
-    assert row["vertebrae"] == "L1 0.00, L2 0.00, L3 1.00"
+    names = [item.split()[0] for item in row["vertebrae"].split(", ")]
+    dices = [float(item.split()[1]) for item in row["vertebrae"].split(", ")]
+    distances_mm = [float(item.split("(")[1].split()[0]) for item in row["vertebrae"].split(", ")]
+    assert names == ["L1", "L2", "L3"] and dices == [0.0, 0.0, 1.0]
+    assert distances_mm[2] == 0.0 and min(distances_mm[:2]) >= 10.0  # L1/L2 named 15 mm away
+    assert row["median_vertebra_hd95_mm"] == pytest.approx(max(distances_mm[:2]), abs=0.05)

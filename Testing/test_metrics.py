@@ -381,3 +381,21 @@ def test_identification_distance_limit(shift, identified):
 def test_identification_rate_without_ground_truth_is_nan():
     rate, details = metrics.identification_rate(np.ones((3, 3, 3), int), np.zeros((3, 3, 3), int), (1, 1, 1))
     assert math.isnan(rate) and details == {}
+
+
+def test_per_label_hd95_is_zero_for_a_match_the_shift_for_a_moved_label_and_inf_for_a_missing_one():
+    gt = np.zeros((30, 12, 12), np.uint8)
+    gt[2:8, 3:9, 3:9] = 20
+    gt[12:18, 3:9, 3:9] = 21
+    gt[22:28, 3:9, 3:9] = 22
+    pred = np.zeros_like(gt)
+    pred[2:8, 3:9, 3:9] = 20  # exact
+    pred[13:19, 3:9, 3:9] = 21  # one slice (3 mm) lower in the array
+    hd95 = metrics.per_label_hd95_mm(pred, gt, SPACING_COLUMN)  # 22 is missing
+    assert hd95[20] == 0.0
+    assert hd95[21] == pytest.approx(3.0)
+    assert math.isinf(hd95[22])
+    assert set(hd95) == {20, 21, 22}
+    # the box shortcut gives what the whole arrays give
+    whole, _ = metrics.surface_distances_mm(pred == 21, gt == 21, SPACING_COLUMN)
+    assert hd95[21] == pytest.approx(whole)

@@ -53,7 +53,7 @@ def test_ground_truth_dice_scores_against_a_label_map_file(tmp_path):
     assert ground_truth_dice(str(tmp_path / "truth.nii.gz"), None) is None
 
 
-def test_peak_rss_of_a_variant_child_is_its_own_not_the_parents(tmp_path):
+def test_peak_rss_of_a_variant_child_is_its_own_not_the_parents():
     # bench runs each variant in a child; the child must not inherit the parent's memory as its peak
     import subprocess
     import sys

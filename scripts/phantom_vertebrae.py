@@ -31,6 +31,7 @@ def write_phantoms(out: str) -> None:
     import SimpleITK as sitk
 
     from SpineContextSegLib.fileio import atomic_output
+    from SpineContextSegLib.imageio import write_labelmap
     from SpineContextSegLib.labels import SACRUM_ID
     from SpineContextSegLib.phantom import generate_phantom
 
@@ -43,9 +44,9 @@ def write_phantoms(out: str) -> None:
         labels = sitk.GetArrayFromImage(phantom.vertebra_labels)
         vertebrae_only = sitk.GetImageFromArray(np.where(labels == SACRUM_ID, 0, labels).astype(np.uint8))
         vertebrae_only.CopyInformation(phantom.vertebra_labels)
-        for image, name in ((phantom.ct, "ct.nii.gz"), (vertebrae_only, "seg_vert.nii.gz")):
-            with atomic_output(os.path.join(folder, name)) as path:
-                sitk.WriteImage(image, path, True)
+        with atomic_output(os.path.join(folder, "ct.nii.gz")) as path:
+            sitk.WriteImage(phantom.ct, path, useCompression=True)
+        write_labelmap(vertebrae_only, os.path.join(folder, "seg_vert.nii.gz"))
 
 
 def main(argv=None) -> int:

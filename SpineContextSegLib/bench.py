@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
+from .errors import SegmentationError
+
 STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "write", "mesh")
 
 #: name -> SegmentOptions overrides (``reference`` is special-cased).
@@ -289,6 +291,11 @@ def run(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants: {unknown}")
+    from .model_files import load_model
+
+    task = load_model(args.model).card.task
+    if task != "spine":  # the reference rebuilds the paper's binary pipeline
+        raise SegmentationError("model_incompatible", f"bench compares spine models with the paper's pipeline; this model's task is {task!r}. Use a spine model.")
     work = args.work_dir or tempfile.mkdtemp(prefix="scs-bench-")
     os.makedirs(work, exist_ok=True)
     cases = _collect_cases(args.cases)

@@ -421,11 +421,12 @@ def check_memory(needed_bytes: int, what: str) -> None:
         )
 
 
-def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm: Sequence[float]) -> int:
+def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm: Sequence[float], output_channels: int = 1) -> int:
     """Peak bytes of one run on ``image``: the input grid plus the canonical grid at ``canonical_spacing_mm`` (x, y, z mm).
 
     The canonical grid's size follows :func:`~SpineContextSegLib.preprocessing.canonical_reference`
-    (it covers the input's physical extent), computed here without allocating it.
+    (it covers the input's physical extent), computed here without allocating it. A network with
+    ``output_channels`` > 1 (vertebrae) adds one float32 stitching accumulator per extra channel.
     """
     from .preprocessing import physical_corners
 
@@ -434,12 +435,14 @@ def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm
     canonical_voxels = float(np.prod(np.maximum(1, np.ceil(np.round(extent / np.asarray(canonical_spacing_mm, dtype=float), 6)))))
     input_voxels = float(np.prod(image.GetSize()))
     stored = image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-    return int(input_voxels * (stored + INPUT_GRID_BYTES_PER_VOXEL) + canonical_voxels * CANONICAL_GRID_BYTES_PER_VOXEL)
+    canonical_bytes = CANONICAL_GRID_BYTES_PER_VOXEL + 4 * (max(1, int(output_channels)) - 1)
+    return int(input_voxels * (stored + INPUT_GRID_BYTES_PER_VOXEL) + canonical_voxels * canonical_bytes)
 
 
-def check_segmentation_memory(image: "sitk.Image", canonical_spacing_mm: Sequence[float], *, name: str = "The CT") -> None:
+def check_segmentation_memory(image: "sitk.Image", canonical_spacing_mm: Sequence[float], *, name: str = "The CT", output_channels: int = 1) -> None:
     """Refuse (``input_too_large``) before resampling when a run on ``image`` would not fit in free memory."""
-    check_memory(estimate_segmentation_memory_bytes(image, canonical_spacing_mm), f"{name} at {tuple(float(s) for s in canonical_spacing_mm)} mm")
+    needed = estimate_segmentation_memory_bytes(image, canonical_spacing_mm, output_channels)
+    check_memory(needed, f"{name} at {tuple(float(s) for s in canonical_spacing_mm)} mm")
 
 
 def _gigabytes(count: float) -> str:

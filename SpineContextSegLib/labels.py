@@ -237,6 +237,29 @@ def labels_for_task(task: str) -> List[LabelInfo]:
     raise ValueError(f"unknown task {task!r}; expected 'spine' or 'vertebrae'")
 
 
+def vertebra_class_ids(labels: Optional[Sequence[LabelInfo]] = None) -> Tuple[int, ...]:
+    """VerSe ids of a vertebrae-task network's output channels 1, 2, ... (channel 0 is background).
+
+    ``labels``: a model card's labels (``LabelInfo`` or their JSON dicts), in channel order;
+    default :data:`VERTEBRAE` (what ``spinecontextseg train --task vertebrae`` writes).
+    """
+    labels = VERTEBRAE if labels is None else labels
+    return tuple(int(label["value"] if isinstance(label, dict) else label.value) for label in labels)
+
+
+def verse_ids_to_classes(verse_labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+    """VerSe ids -> channel indices of a vertebrae-task network (uint8, same shape).
+
+    Channel ``k`` (1-based) is ``class_ids[k - 1]``; ids not in ``class_ids`` become 0 (background).
+    """
+    return _map_values(verse_labels, {int(v): k for k, v in enumerate(class_ids, start=1)})
+
+
+def classes_to_verse_ids(classes: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`verse_ids_to_classes`: channel indices -> VerSe ids (uint8, same shape)."""
+    return _map_values(classes, {k: int(v) for k, v in enumerate(class_ids, start=1)})
+
+
 def _lookup_table(mapping: Dict[int, int], max_value: int) -> np.ndarray:
     table = np.zeros(max(max_value, max(mapping)) + 1, dtype=np.uint8)
     for source, target in mapping.items():

@@ -121,13 +121,13 @@ def segment_image(
     if bundle is None or engine is None:
         bundle, engine = load_model_and_engine(options)
     card = bundle.card
-    if card.task != "spine":
-        raise SegmentationError("model_incompatible", f"This version segments the whole spine; the model's task is {card.task!r}.")
+    if options.task not in ("spine", "vertebrae"):
+        raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
 
     stop()
     from .imageio import check_segmentation_memory
 
-    check_segmentation_memory(image, card.spacing_mm)  # refuse before resampling, never be killed by the OS
+    check_segmentation_memory(image, card.spacing_mm, output_channels=card.out_channels)  # refuse before resampling, never be killed by the OS
     canonical = timer.run("preprocess", to_canonical, image, card.spacing_mm, method="linear")
     hu = sitk.GetArrayViewFromImage(canonical)
     box = body_bounding_box(hu) if options.crop_to_body else tuple(slice(0, n) for n in hu.shape)
@@ -162,12 +162,18 @@ def segment_image(
 
     reporter.stage("network", 0, 1)
     start = time.perf_counter()
-    probability_crop = sliding_window_inference(
-        network_input, timed_predict, patch_size, overlap=overlap, out_channels=1, batch_size=options.batch_size, on_tile=on_tile
-    )[0]
+    network_output = sliding_window_inference(
+        network_input, timed_predict, patch_size, overlap=overlap, out_channels=card.out_channels, batch_size=options.batch_size, on_tile=on_tile
+    )
+    del network_input
+    name_votes_crop = None
+    if card.task == "vertebrae":
+        probability_crop, name_votes_crop = _spine_probability_and_votes(network_output, card.labels)
+    else:
+        probability_crop = network_output[0]
+    del network_output
     timer.timings["network"] = network_seconds[0]
     timer.timings["stitch"] = time.perf_counter() - start - network_seconds[0]
-    del network_input
 
     def postprocess() -> "sitk.Image":
         probability = np.zeros(hu.shape, dtype=np.float32)
@@ -196,20 +202,47 @@ def segment_image(
         "overlap": overlap,
         **postprocess_info,
     }
-    labels = labels_for_task(card.task)
+    labels = labels_for_task("spine")
     if options.task == "vertebrae":
-        mask, labels = timer.run("label", _name_vertebrae, mask, image, reporter, info)
-    elif options.task != "spine":
-        raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
+        name_votes = None
+        if name_votes_crop is not None:
+            votes = np.zeros(hu.shape, dtype=np.uint8)
+            votes[box] = name_votes_crop
+            name_votes = sitk.GetImageFromArray(votes)
+            name_votes.CopyInformation(canonical)
+        mask, labels = timer.run("label", _name_vertebrae, mask, image, reporter, info, name_votes)
     return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)
 
 
-def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object]):
+def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[Dict[str, object]]):
+    """A vertebrae network's softmax ``(C, D, H, W)`` -> spine probability and per-voxel name votes.
+
+    The spine probability is the summed probability of every vertebra channel but the sacrum's
+    (the binary mask leaves the sacrum out, :mod:`SpineContextSegLib.labels`), so the rest of the
+    pipeline treats it like a spine model's output. The votes are the most probable vertebra
+    (VerSe id, uint8) wherever the background has less than half the probability (0 elsewhere);
+    they name the segments of the split mask (:func:`SpineContextSegLib.vertebrae.name_vertebrae`).
+    """
+    from .labels import SACRUM_ID, classes_to_verse_ids, vertebra_class_ids
+
+    class_ids = vertebra_class_ids(card_labels)
+    # the stitched softmax still sums to 1 per voxel: subtracting avoids copying 26 channels
+    spine_probability = 1.0 - network_output[0]
+    if SACRUM_ID in class_ids:
+        spine_probability -= network_output[class_ids.index(SACRUM_ID) + 1]
+    np.clip(spine_probability, 0.0, 1.0, out=spine_probability)
+    classes = network_output[1:].argmax(axis=0).astype(np.uint8) + 1
+    votes = classes_to_verse_ids(classes, class_ids)
+    votes[network_output[0] >= 0.5] = 0
+    return spine_probability, votes
+
+
+def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None):
     """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebrae.py)."""
     from .labels import vertebra_by_verse_id
     from .vertebrae import label_vertebrae
 
-    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True)
+    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes)
     info["vertebrae"] = vertebra_info
     if vertebra_info.get("confidence", 0.0) < 0.5:
         reporter.warning(

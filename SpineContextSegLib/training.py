@@ -6,6 +6,19 @@ patches centred on spine). Added: augmentation (:mod:`augment`), a loss mask for
 labelled scans, bf16 autocast and channels_last_3d on CPUs that benefit, CUDA, and
 PyTorch DDP under ``torchrun`` (gloo on CPU, NCCL on GPUs) for large cohorts.
 
+Two tasks (``--task``):
+
+``spine``
+    One output channel (sigmoid), the binary spine mask; loss BCE + Dice.
+``vertebrae``
+    The second paper's multi-class network: softmax over background + one channel per
+    vertebra (:func:`SpineContextSegLib.labels.vertebra_class_ids`: C1-L6, sacrum, T13),
+    loss DiceCE (:func:`masked_dice_ce_loss`). Targets are VerSe ids (TotalSegmentator ids
+    mapped by :mod:`SpineContextSegLib.datasets`); cases without vertebra ids are skipped.
+    VerSe and CTSpine1K never label the sacrum, so on a case whose lowest labelled vertebra
+    is L5/L6 and that has no sacrum label, everything below that vertebra is left
+    unsupervised (:func:`unsupervise_below_unlabelled_sacrum`) instead of taught as background.
+
 Training data are resampled once onto the canonical grid at ``--spacing`` (default 2 mm:
 1 mm costs ~8x more per epoch; see the README's model card) and kept in memory.
 """
@@ -29,6 +42,7 @@ AIR_UNIT = 0.0  # HU -1000 after windowing: the padding value
 @dataclasses.dataclass
 class TrainConfig:
     data: List[str] = dataclasses.field(default_factory=list)
+    task: str = "spine"  # "spine" (binary) or "vertebrae" (one channel per vertebra)
     layout: str = "auto"
     exclude: List[str] = dataclasses.field(default_factory=list)
     # relative sampling weight of real cases whose id contains the key (default 1): a case with
@@ -73,27 +87,71 @@ class TrainingVolume:
     name: str
     patient_id: str
     image: np.ndarray  # float32 in [0, 1] (HU window applied)
-    label: np.ndarray  # uint8 0/1
+    label: np.ndarray  # uint8 class indices: 0/1 (spine task) or network channels (vertebrae task)
     weight: np.ndarray  # uint8 1 where the label is trustworthy
     foreground: np.ndarray  # (N, 3) int32 indices of label voxels, for oversampling
     source: str = "real"
 
 
-def make_training_volume(name: str, patient_id: str, ct, mask, config: TrainConfig, *, weight=None, source: str = "real") -> TrainingVolume:
-    """Resample a CT (HU) and its binary mask (SimpleITK images) onto the canonical training grid."""
+TASKS = ("spine", "vertebrae")
+
+
+def make_training_volume(name: str, patient_id: str, ct, labels, config: TrainConfig, *, weight=None, source: str = "real") -> TrainingVolume:
+    """Resample a CT (HU) and its labels (SimpleITK images) onto the canonical training grid.
+
+    ``labels``: the binary spine mask (spine task) or VerSe ids (vertebrae task; mapped to
+    network channels here).
+    """
     import SimpleITK as sitk
 
+    from .labels import verse_ids_to_classes, vertebra_class_ids
     from .preprocessing import canonical_reference, hu_to_unit_interval, resample_to_reference
 
     reference = canonical_reference(ct, [config.spacing_mm] * 3)
     hu = sitk.GetArrayFromImage(resample_to_reference(ct, reference, method="linear", default_value=-1024, pixel_type=sitk.sitkFloat32))
-    label = sitk.GetArrayFromImage(resample_to_reference(mask, reference, method="nearest", pixel_type=sitk.sitkUInt8)) > 0
+    values = sitk.GetArrayFromImage(resample_to_reference(labels, reference, method="nearest", pixel_type=sitk.sitkUInt8))
     if weight is None:  # every voxel of the scan is supervised; padding outside it is not
         weight = sitk.Image(ct.GetSize(), sitk.sitkUInt8) + 1
         weight.CopyInformation(ct)
     inside = sitk.GetArrayFromImage(resample_to_reference(weight, reference, method="nearest", pixel_type=sitk.sitkUInt8)) > 0
-    foreground = np.argwhere(label & inside).astype(np.int32)
-    return TrainingVolume(name, patient_id, hu_to_unit_interval(hu, config.hu_window), label.astype(np.uint8), inside.astype(np.uint8), foreground, source)
+    if config.task == "vertebrae":
+        label = verse_ids_to_classes(values, vertebra_class_ids())
+        unsupervise_below_unlabelled_sacrum(values, inside)
+    else:
+        label = (values > 0).astype(np.uint8)
+    foreground = np.argwhere((label > 0) & inside).astype(np.int32)
+    return TrainingVolume(name, patient_id, hu_to_unit_interval(hu, config.hu_window), label, inside.astype(np.uint8), foreground, source)
+
+
+def unsupervise_below_unlabelled_sacrum(verse_labels: np.ndarray, weight: np.ndarray) -> bool:
+    """Clear ``weight`` (in place) caudal to the last lumbar vertebra when the sacrum has no label.
+
+    VerSe and CTSpine1K label C1-L6 only; their visible sacrum would otherwise be taught as
+    background while TotalSegmentator cases and phantoms teach it as the sacrum.
+
+    Parameters
+    ----------
+    verse_labels : (D, H, W) uint8
+        VerSe ids on the canonical grid (axis 0 inferior -> superior).
+    weight : (D, H, W) bool
+        Supervised voxels; modified in place.
+
+    Returns
+    -------
+    bool
+        True when slices were cleared (L5 or L6 is labelled and the sacrum is not).
+    """
+    from .labels import L6_ID, SACRUM_ID
+
+    present = np.unique(verse_labels)
+    if SACRUM_ID in present:
+        return False
+    last_lumbar = L6_ID if L6_ID in present else 24 if 24 in present else None
+    if last_lumbar is None:
+        return False
+    lowest_slice = int(np.nonzero((verse_labels == last_lumbar).any(axis=(1, 2)))[0].min())
+    weight[:lowest_slice] = False
+    return lowest_slice > 0
 
 
 def load_case_volumes(config: TrainConfig) -> List[Tuple[object, TrainingVolume]]:
@@ -109,10 +167,12 @@ def load_case_volumes(config: TrainConfig) -> List[Tuple[object, TrainingVolume]
                 print(f"skipping {case.case_id}: only some vertebrae are labelled", flush=True)
                 continue
             ct, _ = case.load()
-            mask = case.load_spine_mask()
-            if mask is None:
+            labels = case.load_vertebra_labels() if config.task == "vertebrae" else case.load_spine_mask()
+            if labels is None:
+                if config.task == "vertebrae" and case.label_path is not None:
+                    print(f"skipping {case.case_id}: its label is a spine mask without vertebra ids", flush=True)
                 continue
-            loaded.append((case, make_training_volume(case.case_id, case.patient_id, ct, mask, config)))
+            loaded.append((case, make_training_volume(case.case_id, case.patient_id, ct, labels, config)))
     return loaded
 
 
@@ -120,7 +180,8 @@ def phantom_volume(seed: int, config: TrainConfig) -> TrainingVolume:
     from .phantom import generate_phantom
 
     phantom = generate_phantom(seed, spacing_mm=(config.spacing_mm,) * 3)
-    return make_training_volume(f"phantom-{seed}", f"phantom-{seed}", phantom.ct, phantom.spine_mask, config, source="phantom")
+    labels = phantom.vertebra_labels if config.task == "vertebrae" else phantom.spine_mask
+    return make_training_volume(f"phantom-{seed}", f"phantom-{seed}", phantom.ct, labels, config, source="phantom")
 
 
 def extract_region(volume: TrainingVolume, centre: Sequence[int], size: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,6 +243,74 @@ def masked_bce_dice_loss(logits, target, weight):
     return bce + (1 - dice)
 
 
+def masked_dice_ce_loss(logits, target, weight):
+    """DiceCE for a multi-class network, restricted to voxels with ``weight`` 1.
+
+    Softmax cross-entropy plus soft Dice averaged over the foreground classes present in the
+    batch's target (classes absent from it are kept down by the cross-entropy alone, so a
+    patch showing three vertebrae is not scored on the other 24).
+
+    Parameters
+    ----------
+    logits : (B, C, D, H, W) tensor
+    target : (B, 1, D, H, W) tensor of class indices 0..C-1 (any dtype)
+    weight : (B, 1, D, H, W) tensor, 0/1
+    """
+    import torch
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    channels = logits.shape[1]
+    classes = target[:, 0].long()
+    voxel_weight = weight[:, 0].float()
+    cross_entropy = (F.cross_entropy(logits, classes, reduction="none") * voxel_weight).sum() / voxel_weight.sum().clamp_min(1.0)
+    probability = torch.softmax(logits, dim=1) * weight
+    one_hot = F.one_hot(classes, channels).permute(0, 4, 1, 2, 3).float() * weight
+    axes = (0, 2, 3, 4)
+    target_volume = one_hot.sum(axes)[1:]
+    smooth = 1.0
+    dice = (2 * (probability * one_hot).sum(axes)[1:] + smooth) / (probability.sum(axes)[1:] + target_volume + smooth)
+    present = target_volume > 0
+    dice_loss = (1 - dice[present]).mean() if bool(present.any()) else cross_entropy.new_zeros(())
+    return cross_entropy + dice_loss
+
+
+def loss_for_task(task: str):
+    """The training loss of ``task``: BCE + Dice (spine) or DiceCE (vertebrae)."""
+    return masked_dice_ce_loss if task == "vertebrae" else masked_bce_dice_loss
+
+
+def predicted_classes(logits):
+    """(B, C, D, H, W) logits -> (B, D, H, W) class indices: > 0 for one channel, argmax otherwise."""
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+
+
+def load_matching_weights(network, state_dict) -> List[str]:
+    """Load ``state_dict`` into ``network``, leaving out an output head of another shape.
+
+    Fine-tuning a vertebrae network from spine weights keeps everything but the last 1x1x1
+    convolution. Returns the names left out.
+
+    Raises
+    ------
+    SegmentationError
+        ``model_incompatible`` when anything other than the head does not fit.
+    """
+    own = network.state_dict()
+    other_shape = [k for k, v in state_dict.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    skipped = [k for k in other_shape if k.startswith("head.")]
+    missing = [k for k in own if k not in state_dict and k not in skipped]
+    misfits = [k for k in other_shape if k not in skipped] + missing + [k for k in state_dict if k not in own]
+    if misfits:
+        raise SegmentationError(
+            "model_incompatible",
+            f"--init-weights does not fit the network ({len(misfits)} tensors missing, extra or of another shape, e.g. "
+            f"{misfits[0]}): pass weights of the same --architecture and --widths.",
+        )
+    network.load_state_dict({k: v for k, v in state_dict.items() if k not in skipped}, strict=False)
+    return skipped
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         import torch
@@ -214,10 +343,31 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed + 1000 * self.rank)
         self.generator = torch.Generator().manual_seed(config.seed + 7 + self.rank)
 
-        self.network = build_network(config.architecture, **config.architecture_kwargs).to(self.device)
+        if config.task not in TASKS:
+            raise ValueError(f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
+        from .labels import SPINE, VERTEBRAE
+
+        labels = [SPINE.to_json()] if config.task == "spine" else [label.to_json() for label in VERTEBRAE]
+        self.card = ModelCard(
+            name=f"spinecontextseg-{config.task}",
+            version="1.0.0",
+            task=config.task,
+            architecture=config.architecture,
+            architecture_kwargs=dict(config.architecture_kwargs),
+            labels=labels,
+            spacing_mm=[config.spacing_mm] * 3,
+            hu_window=list(config.hu_window),
+            patch_size=list(config.patch_size),
+            overlap=0.25,
+            trained=True,
+        )
+        self.loss = loss_for_task(config.task)
+        self.network = build_network(config.architecture, out_channels=self.card.out_channels, **config.architecture_kwargs).to(self.device)
         if config.init_weights:
             state = torch.load(config.init_weights, map_location="cpu", weights_only=False)
-            self.network.load_state_dict(state.get("state_dict", state))
+            skipped = load_matching_weights(self.network, state.get("state_dict", state))
+            if skipped and self.rank == 0:
+                print(f"--init-weights: output head left at random ({self.card.out_channels} channels here)", flush=True)
         self.memory_format = torch.channels_last_3d if config.channels_last else torch.contiguous_format
         self.network = self.network.to(memory_format=self.memory_format)
         self.model = self.network
@@ -231,21 +381,6 @@ class Trainer:
         self.iterations = 0
         self.best_dice = -1.0
         self.elapsed_s = 0.0
-        from .labels import SPINE
-
-        self.card = ModelCard(
-            name="spinecontextseg-spine",
-            version="1.0.0",
-            task="spine",
-            architecture=config.architecture,
-            architecture_kwargs=dict(config.architecture_kwargs),
-            labels=[SPINE.to_json()],
-            spacing_mm=[config.spacing_mm] * 3,
-            hu_window=list(config.hu_window),
-            patch_size=list(config.patch_size),
-            overlap=0.25,
-            trained=True,
-        )
 
     # ------------------------------------------------------------------ data
     def load_data(self) -> None:
@@ -332,7 +467,7 @@ class Trainer:
         image, label, weight = self.next_batch()
         self.model.train()
         logits = self._forward(image)
-        loss = masked_bce_dice_loss(logits, label.to(self.device), weight.to(self.device))
+        loss = self.loss(logits, label.to(self.device), weight.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -346,22 +481,31 @@ class Trainer:
         return float(loss.detach())
 
     def validate(self) -> Tuple[float, float]:
+        """Mean loss and Dice over the fixed validation patches (vertebrae: mean over the classes present)."""
         torch = self.torch
         if not self.validation_batches:
             return float("nan"), float("nan")
         self.model.eval()
-        losses, intersection, total = [], 0.0, 0.0
+        channels = self.card.out_channels
+        classes = max(channels, 2)  # the spine task's one channel is class 1 against background
+        losses = []
+        intersection, total = np.zeros(classes), np.zeros(classes)
         with torch.no_grad():
             for image, label, weight in self.validation_batches:
                 x = torch.from_numpy(image[None, None])
                 y = torch.from_numpy(label[None, None].astype(np.float32)).to(self.device)
                 w = torch.from_numpy(weight[None, None].astype(np.float32)).to(self.device)
-                logits = self._forward(x)
-                losses.append(float(masked_bce_dice_loss(logits, y, w)))
-                predicted = (logits.float() > 0).float() * w
-                intersection += float((predicted * y * w).sum())
-                total += float(predicted.sum() + (y * w).sum())
-        return float(np.mean(losses)), (2 * intersection / total if total else 1.0)
+                logits = self._forward(x).float()
+                losses.append(float(self.loss(logits, y, w)))
+                inside = w[:, 0] > 0
+                predicted, target = predicted_classes(logits)[inside], y[:, 0].long()[inside]
+                for c in range(1, classes):
+                    p, t = predicted == c, target == c
+                    intersection[c] += float((p & t).sum())
+                    total[c] += float(p.sum() + t.sum())
+        scored = total[1:] > 0
+        dice = float(np.mean(2 * intersection[1:][scored] / total[1:][scored])) if scored.any() else 1.0
+        return float(np.mean(losses)), dice
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Optional[str]:
@@ -467,11 +611,11 @@ class Trainer:
         left.plot(epochs, [h["train_loss"] for h in self.history], label="train loss")
         left.plot(epochs, [h["val_loss"] for h in self.history], label="validation loss")
         left.set_xlabel("epoch")
-        left.set_ylabel("BCE + Dice loss")
+        left.set_ylabel("DiceCE loss" if self.config.task == "vertebrae" else "BCE + Dice loss")
         left.legend()
         right.plot(epochs, [h["val_dice"] for h in self.history], color="tab:green")
         right.set_xlabel("epoch")
-        right.set_ylabel("validation Dice (patches)")
+        right.set_ylabel("validation Dice (patches" + (", mean over vertebrae)" if self.config.task == "vertebrae" else ")"))
         right.set_ylim(0, 1)
         figure.suptitle(f"{self.config.architecture}, {self.config.spacing_mm} mm, patch {tuple(self.config.patch_size)}")
         figure.tight_layout()
@@ -495,6 +639,7 @@ def describe_training_data(trainer: Trainer) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--data", nargs="*", default=[], help="dataset roots: VerSe (rawdata/derivatives), CTSpine1K, images/+labels/, or case folders")
+    parser.add_argument("--task", default=d.task, choices=TASKS, help="spine: binary mask (BCE + Dice); vertebrae: one channel per vertebra (DiceCE)")
     parser.add_argument("--layout", default="auto", help="auto | verse | ctspine1k | images-labels | totalsegmentator | shared")
     parser.add_argument("--exclude", action="append", default=[], help="skip cases whose id or path contains this (repeatable)")
     parser.add_argument("--case-weight", action="append", default=[], metavar="ID=W", help="sample real cases whose id contains ID W times as often as the others (default 1; repeatable)")
@@ -548,6 +693,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         kwargs["widths"] = list(args.widths)
     return TrainConfig(
         data=list(args.data),
+        task=args.task,
         layout=args.layout,
         exclude=list(args.exclude),
         case_weights=_parse_case_weights(args.case_weight),

@@ -27,7 +27,8 @@ axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left), isot
    the sacrum, so the lowest vertebra is the last lumbar one), a skull base above the
    highest (it is C1; C1 and C2 usually arrive as one segment and are split afterwards,
    :func:`split_atlas_from_axis`; a mask with a gap under the atlas gives C1 alone), and
-   the body size (:data:`EXPECTED_BODY_RADIUS_MM`).
+   the body size (:data:`EXPECTED_BODY_RADIUS_MM`); with a vertebrae network
+   (``train --task vertebrae``), also the names it gives each segment's voxels.
    The best run wins; its share of the total likelihood is the reported ``confidence``.
 
 :func:`label_vertebrae` runs all three on SimpleITK images and returns the VerSe label map
@@ -1031,6 +1032,45 @@ def _rib_probability(verse_id: int) -> float:
     return RIB_FALSE_POSITIVE_RATE
 
 
+#: Share of a vertebrae network's vote that is spread evenly over all names: a segment whose
+#: voxels all say "L3" still leaves L2 a probability of ~0.4 % (log -5.6), so two or three
+#: agreeing anatomical anchors (log 2-3 each) can overrule one mislabelled segment, not a column.
+NETWORK_VOTE_FLOOR = 0.1
+#: Largest VerSe id (T13 = 28): the vote tables have this many + 1 columns.
+_MAX_VERSE_ID = 28
+
+
+def network_name_shares(instances: np.ndarray, name_votes: np.ndarray, count: int) -> np.ndarray:
+    """Per segment, the share of its voxels a vertebrae network gave each VerSe id.
+
+    Parameters
+    ----------
+    instances : (D, H, W) int
+        Segments 1..``count`` (0 = none).
+    name_votes : (D, H, W) uint8
+        The network's most probable vertebra per voxel, as a VerSe id (0 = no vote).
+    count : int
+        Number of segments.
+
+    Returns
+    -------
+    (count, 29) float
+        Row ``i`` is segment ``i + 1``; columns are VerSe ids 0-28 (column 0 unused); rows sum
+        to 1, or to 0 for a segment without any vote.
+    """
+    inside = (instances > 0) & (name_votes > 0)
+    index = instances[inside].astype(np.int64) * (_MAX_VERSE_ID + 1) + np.minimum(name_votes[inside], _MAX_VERSE_ID).astype(np.int64)
+    table = np.bincount(index, minlength=(count + 1) * (_MAX_VERSE_ID + 1)).reshape(count + 1, _MAX_VERSE_ID + 1)[1:].astype(np.float64)
+    totals = table.sum(axis=1, keepdims=True)
+    return np.divide(table, totals, out=np.zeros_like(table), where=totals > 0)
+
+
+def _network_log_probability(name: int, shares: np.ndarray) -> float:
+    """log P(name | a segment's vote shares), with :data:`NETWORK_VOTE_FLOOR` spread over all names."""
+    share = float(shares[1] + shares[2]) if name == ATLAS_AXIS else float(shares[name])
+    return math.log((1.0 - NETWORK_VOTE_FLOOR) * share + NETWORK_VOTE_FLOOR / _MAX_VERSE_ID)
+
+
 def _placements(count: int) -> List[Tuple[str, List[int], float]]:
     """Every gap-free run of ``count`` names along each chain, with its prior probability.
 
@@ -1049,8 +1089,15 @@ def _placements(count: int) -> List[Tuple[str, List[int], float]]:
     return runs
 
 
-def _log_likelihood(names: Sequence[int], chain: Tuple[int, ...], geometry: Sequence[VertebraGeometry], ribs: Sequence[Dict[str, object]], below: Dict[str, float], above: Dict[str, float]) -> Tuple[float, Dict[str, float]]:
-    parts = {"ribs": 0.0, "sacrum": 0.0, "skull": 0.0, "size": 0.0}
+def _log_likelihood(
+    names: Sequence[int], chain: Tuple[int, ...], geometry: Sequence[VertebraGeometry], ribs: Sequence[Dict[str, object]], below: Dict[str, float], above: Dict[str, float],
+    votes: Optional[np.ndarray] = None,
+) -> Tuple[float, Dict[str, float]]:
+    parts = {"ribs": 0.0, "sacrum": 0.0, "skull": 0.0, "size": 0.0, "network": 0.0}
+    if votes is not None:
+        for name, shares in zip(names, votes):
+            if shares.sum() > 0:
+                parts["network"] += _network_log_probability(name, shares)
     for name, evidence, shape in zip(names, ribs, geometry):
         p_rib = _rib_probability(name)
         for side in ("right", "left"):
@@ -1097,7 +1144,10 @@ def _end_evidence(found: Dict[str, float], *, caudal: bool) -> Dict[str, object]
     return evidence
 
 
-def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, field_of_view: Optional[np.ndarray] = None, centreline: Optional[Centreline] = None, sacral_fragment: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Dict[str, object]]:
+def name_vertebrae(
+    instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, field_of_view: Optional[np.ndarray] = None, centreline: Optional[Centreline] = None,
+    sacral_fragment: Optional[np.ndarray] = None, name_votes: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, Dict[str, object]]:
     """Give every vertebra its VerSe id, in anatomical order.
 
     Every gap-free run of VerSe ids along the standard chain (C1-L5), the chain with L6 and
@@ -1114,7 +1164,11 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
       split into C1 and C2 after naming; a run may also start with C1 alone, at a lower
       prior, :data:`ATLAS_ALONE_PRIOR`, for a mask that left a gap under the atlas);
     * body size (:data:`EXPECTED_BODY_RADIUS_MM`) of every vertebra not cut by the field
-      of view: a weak cue that separates cervical, thoracic and lumbar levels.
+      of view: a weak cue that separates cervical, thoracic and lumbar levels;
+    * with ``name_votes`` (a vertebrae network, ``train --task vertebrae``): the share of each
+      segment's voxels the network calls by the run's name (:func:`network_name_shares`,
+      floored by :data:`NETWORK_VOTE_FLOOR`). The network proposes names; the run keeps them
+      in anatomical order, without duplicates or gaps.
 
     Parameters
     ----------
@@ -1132,6 +1186,8 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
     sacral_fragment : (D, H, W) bool, optional
         Mask voxels below the column that are a piece of the sacrum (:func:`caudal_fragment`,
         already removed from ``instances``): bone below the column, whatever their HU.
+    name_votes : (D, H, W) uint8, optional
+        A vertebrae network's most probable vertebra per voxel (VerSe ids, 0 = none).
 
     Returns
     -------
@@ -1144,7 +1200,8 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
         ``lowest_rib_vertebra`` as an instance number), ``method`` (the anchors that agree
         with the chosen run, or ``"body size only"``),
         ``alternatives`` (the next best runs with their probabilities), ``evidence`` (per
-        vertebra: ribs, body radius, truncated), ``below``/``above`` (bone beyond the column).
+        vertebra: ribs, body radius, truncated, and with ``name_votes`` the network's name and
+        its share), ``below``/``above`` (bone beyond the column).
     """
     from scipy import ndimage
 
@@ -1161,12 +1218,14 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
     below = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=True, also_bone=sacral_fragment), caudal=True)
     above = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=False), caudal=False)
 
+    votes = network_name_shares(instances, name_votes, count) if name_votes is not None else None
+
     chains = _chains()
     usable = min(count, len(chains["L6"]) - 1)  # more segments than vertebrae: name the lowest ones
     offset = count - usable
     scored = []
     for chain_name, names, prior in _placements(usable):
-        log_l, parts = _log_likelihood(names, chains[chain_name], geometry[offset:], ribs[offset:], below, above)
+        log_l, parts = _log_likelihood(names, chains[chain_name], geometry[offset:], ribs[offset:], below, above, None if votes is None else votes[offset:])
         scored.append((log_l + math.log(prior), chain_name, names, parts))
     logs = np.array([entry[0] for entry in scored])
     posterior = np.exp(logs - logs.max())
@@ -1199,6 +1258,10 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
         deciding.append("ribs (thoracic)")
     if above["skull_found"] and best_names[0] in (ATLAS_AXIS, 1):
         deciding.append("skull")
+    if votes is not None:
+        agreeing = sum(1 for name, shares in zip(best_names, votes[offset:]) if shares.sum() > 0 and int(np.argmax(shares)) in ((1, 2) if name == ATLAS_AXIS else (name,)))
+        if agreeing * 2 > len(best_names):  # the network named most segments as the run does
+            deciding.append("network")
     present = [v for v in final_names if v]
     info: Dict[str, object] = {
         "names": [vertebra_by_verse_id(v).name for v in present],
@@ -1210,6 +1273,7 @@ def name_vertebrae(instances: np.ndarray, ct_hu: np.ndarray, spacing_mm, *, fiel
         "alternatives": [{"names": "-".join(readable(scored[int(i)][2])[:: max(1, len(scored[int(i)][2]) - 1)]), "probability": round(float(posterior[i]), 3)} for i in order[1:4]],
         "evidence": [
             {"instance": i + 1, "ribs": [ribs[i]["right"], ribs[i]["left"]], "body_radius_mm": round(float(g.body_radius_mm), 1), "truncated": bool(g.truncated), "volume_ml": round(float(g.volume_ml), 1)}
+            | ({} if votes is None or votes[i].sum() == 0 else {"network": vertebra_by_verse_id(int(np.argmax(votes[i]))).name, "network_share": round(float(votes[i].max()), 2)})
             for i, g in enumerate(geometry)
         ],
         "below": below,
@@ -1361,7 +1425,9 @@ def _field_of_view(ct_image: "sitk.Image", reference: "sitk.Image") -> np.ndarra
     return sitk.GetArrayFromImage(resample_to_reference(ones, reference, method="nearest", default_value=0)) > 0
 
 
-def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing_mm: Optional[float] = None, include_sacrum: bool = False) -> Tuple["sitk.Image", Dict[str, object]]:
+def label_vertebrae(
+    mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing_mm: Optional[float] = None, include_sacrum: bool = False, name_votes: Optional["sitk.Image"] = None,
+) -> Tuple["sitk.Image", Dict[str, object]]:
     """Label every vertebra of a binary spine mask with its VerSe id.
 
     The mask's bounding box plus :data:`CONTEXT_MARGIN_MM` of CT around it is resampled onto
@@ -1387,6 +1453,9 @@ def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing
     include_sacrum : bool
         Also segment the upper sacrum (VerSe 26) below the last lumbar vertebra when the
         naming found it there (a CT-threshold segment, coarse).
+    name_votes : SimpleITK.Image, optional
+        A vertebrae network's most probable vertebra per voxel (uint8 VerSe ids, any grid in
+        the same physical space), used as naming evidence (see :func:`name_vertebrae`).
 
     Returns
     -------
@@ -1429,7 +1498,12 @@ def label_vertebrae(mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing
     fragment = caudal_fragment(instances, details["centreline"], spacing, field_of_view)
     not_vertebra = instances == fragment if fragment else np.zeros(mask_work.shape, dtype=bool)
     instances[not_vertebra] = 0
-    verse_work, info = name_vertebrae(instances, ct_work, spacing, field_of_view=field_of_view, centreline=details["centreline"], sacral_fragment=not_vertebra)
+    votes_work = None
+    if name_votes is not None:
+        votes_work = sitk.GetArrayFromImage(resample_to_reference(name_votes, reference, method="nearest", default_value=0, pixel_type=sitk.sitkUInt8))
+    verse_work, info = name_vertebrae(
+        instances, ct_work, spacing, field_of_view=field_of_view, centreline=details["centreline"], sacral_fragment=not_vertebra, name_votes=votes_work
+    )
     if include_sacrum and "sacrum" in str(info["method"]):
         # the fragment of the mask below L5 is the top of the sacrum (its marrow may lie under SACRUM_HU)
         verse_work[segment_upper_sacrum(verse_work, ct_work, details["centreline"], spacing, field_of_view) | not_vertebra] = SACRUM_ID

@@ -64,3 +64,23 @@ def test_peak_rss_of_a_variant_child_is_its_own_not_the_parents():
     assert ballast.sum() == ballast.size
     if sys.platform.startswith("linux"):
         assert 1.0 < float(child.stdout.strip()) < 300.0
+
+
+def test_bench_refuses_a_vertebrae_model_instead_of_reading_its_background_channel(tmp_path, tiny_model_dir, capsys):
+    import json
+    import shutil
+
+    from SpineContextSegLib.cli import main
+    from SpineContextSegLib.labels import VERTEBRAE
+
+    model = tmp_path / "vertebrae_model"
+    shutil.copytree(tiny_model_dir, model)
+    card = json.loads((model / "model.json").read_text())
+    card.update(task="vertebrae", labels=[v.to_json() for v in VERTEBRAE])
+    (model / "model.json").write_text(json.dumps(card))
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(), str(ct))
+    status = main(["bench", "--cases", str(ct), "--variants", "reference", "--model", str(model), "--work-dir", str(tmp_path / "work")])
+    assert status != 0
+    assert "[model_incompatible]" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # refused before anything ran

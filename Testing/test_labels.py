@@ -151,3 +151,14 @@ def test_labels_for_task():
 @pytest.mark.parametrize("name, verse_id", [("L1", 20), ("l1", 20), ("vertebrae_L1", 20), ("L1 vertebra", 20), ("S", 26), ("sacrum", 26), ("T13", 28)])
 def test_vertebra_by_name_accepts_common_spellings(name, verse_id):
     assert vertebra_by_name(name).value == verse_id
+
+
+def test_vertebra_classes_round_trip_and_unknown_ids_become_background():
+    from SpineContextSegLib.labels import VERTEBRAE, classes_to_verse_ids, verse_ids_to_classes, vertebra_class_ids
+
+    class_ids = vertebra_class_ids()
+    assert class_ids == tuple(v.value for v in VERTEBRAE) and vertebra_class_ids([v.to_json() for v in VERTEBRAE]) == class_ids
+    verse = np.array([0, 1, 20, 24, 26, 28, 27, 40], dtype=np.uint8)  # 27 (coccyx) and 40 are no classes
+    classes = verse_ids_to_classes(verse, class_ids)
+    assert classes.tolist() == [0, 1, 20, 24, 26, 27, 0, 0]  # T13 (28) is the 27th channel
+    assert classes_to_verse_ids(classes, class_ids).tolist() == [0, 1, 20, 24, 26, 28, 0, 0]

@@ -265,3 +265,77 @@ def test_clean_probability_keeps_a_curved_column_cut_at_every_disc_and_drops_a_l
         assert cleaned[z0 + 6, 37 + shift, 47] == pytest.approx(0.9), level
         assert cleaned[z0 - 3, 58 + shift, 47] == pytest.approx(0.9), level
     assert cleaned[30, 27, 97] == 0.0
+
+
+class VertebraCodeEngine(InferenceEngine):
+    """A stand-in vertebrae network that reads each vertebra's name from its CT value.
+
+    Bone voxels carry HU = 600 + 20 x (VerSe id); the engine answers softmax-like channels in the
+    card's order: background where HU < 250, else the channel of the coded vertebra.
+    """
+
+    name = "vertebra-code"
+
+    def __init__(self, class_ids, hu_window=(-1000.0, 2000.0)):
+        from SpineContextSegLib.labels import verse_ids_to_classes
+
+        self.channels = len(class_ids) + 1
+        self.to_class = lambda ids: verse_ids_to_classes(ids, class_ids)
+        self.hu_window = hu_window
+
+    def predict(self, batch):
+        hu = batch[:, 0] * (self.hu_window[1] - self.hu_window[0]) + self.hu_window[0]
+        bone = hu > 250.0
+        classes = np.where(bone, self.to_class(np.clip(np.rint((hu - 600.0) / 20.0), 0, 28).astype(np.uint8)), 0)
+        out = np.zeros((batch.shape[0], self.channels) + batch.shape[2:], dtype=np.float32)
+        np.put_along_axis(out, classes[:, None].astype(np.int64), 1.0, axis=1)
+        return out
+
+
+def vertebrae_bundle(spacing_mm=2.0):
+    from SpineContextSegLib.labels import VERTEBRAE
+    from SpineContextSegLib.model_files import ModelBundle, ModelCard
+
+    card = ModelCard(
+        name="vertebra-code", version="0", task="vertebrae", architecture="SpineContextResUNet", labels=[v.to_json() for v in VERTEBRAE],
+        spacing_mm=[spacing_mm] * 3, hu_window=[-1000.0, 2000.0], patch_size=[32, 32, 32], overlap=0.25, trained=True,
+    )
+    return ModelBundle(directory="", card=card)
+
+
+def test_a_vertebrae_network_names_the_split_mask_and_its_sacrum_channel_stays_out_of_the_spine():
+    from test_vertebrae import make_spine
+
+    from SpineContextSegLib.labels import SACRUM_ID, vertebra_class_ids
+
+    ct, mask, truth = make_spine([(12.0, 20.0)] * 4, ribs=(0, 1, 2, 3), margin_below_mm=0.0, margin_above_mm=20.0)
+    codes = np.array([0, 13, 14, 15, 16])[truth]  # T6-T9, top first
+    ct = np.where(truth > 0, 600.0 + 20.0 * codes, ct)
+    sacrum_like = (ct < 0) & (np.arange(ct.shape[0])[:, None, None] > ct.shape[0] - 6)  # air the "network" calls sacrum
+    ct[sacrum_like & (np.arange(ct.shape[2]) < 8)] = 600.0 + 20.0 * SACRUM_ID
+    image = sitk.GetImageFromArray(ct.astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    bundle = vertebrae_bundle()
+    engine = VertebraCodeEngine(vertebra_class_ids(bundle.card.labels))
+
+    spine = segment_image(image, SegmentOptions(min_spine_ml=0.5, max_column_offset_mm=200.0), bundle=bundle, engine=engine)
+    predicted_spine = sitk.GetArrayFromImage(spine.mask) > 0
+    assert [label.name for label in spine.labels] == ["Spine"]
+    assert 2 * (predicted_spine & mask).sum() / (predicted_spine.sum() + mask.sum()) > 0.95  # the sacrum channel is not spine
+
+    named = segment_image(image, SegmentOptions(task="vertebrae", min_spine_ml=0.5, max_column_offset_mm=200.0), bundle=bundle, engine=engine)
+    assert [label.name for label in named.labels] == ["T6", "T7", "T8", "T9"]
+    assert "network" in named.info["vertebrae"]["method"]
+    labels = sitk.GetArrayFromImage(named.mask)
+    for k, verse_id in enumerate([13, 14, 15, 16], start=1):
+        assert (labels[truth == k] == verse_id).mean() > 0.9
+
+
+def test_memory_estimate_counts_a_stitching_accumulator_per_extra_output_channel():
+    from SpineContextSegLib.imageio import estimate_segmentation_memory_bytes
+
+    image = sitk.Image([100, 80, 60], sitk.sitkInt16)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    canonical_voxels = 50 * 40 * 60  # 100 x 80 x 120 mm at 2 mm
+    extra = estimate_segmentation_memory_bytes(image, (2.0, 2.0, 2.0), 28) - estimate_segmentation_memory_bytes(image, (2.0, 2.0, 2.0))
+    assert extra == canonical_voxels * 4 * 27

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from conftest import ROOT  # noqa: E402
 
 from SpineContextSegLib.augment import AugmentationConfig, augment_batch  # noqa: E402
-from SpineContextSegLib.training import extract_region, masked_bce_dice_loss  # noqa: E402
+from SpineContextSegLib.training import extract_region, masked_bce_dice_loss, masked_dice_ce_loss  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
 TINY = ["--widths", "4", "8", "8", "--patch", "16", "16", "16", "--batch-size", "2", "--iterations-per-epoch", "2",
@@ -70,6 +70,76 @@ def test_training_writes_checkpoints_curve_and_an_exportable_model(data_root, tm
     assert bundle.card.trained is True and bundle.card.spacing_mm == [3.0, 3.0, 3.0] and bundle.card.patch_size == [16, 16, 16]
     best = torch.load(out / "best.pt", weights_only=False)
     assert "patient" in bundle.card.training_data and bundle.card.training["iterations"] == best["iterations"] in (2, 4)
+
+
+def test_vertebrae_training_writes_a_model_with_one_channel_per_vertebra(data_root, tmp_path):
+    from SpineContextSegLib.labels import VERTEBRAE
+    from SpineContextSegLib.model_files import build_network_from_card, load_model
+
+    out = tmp_path / "run"
+    train(data_root, out, "--task", "vertebrae", "--epochs", "1", "--export", str(tmp_path / "model"))
+    records = history(out)
+    assert 0.0 <= records[0]["val_dice"] <= 1.0 and np.isfinite(records[0]["train_loss"])
+    bundle = load_model(str(tmp_path / "model"))
+    assert bundle.card.task == "vertebrae" and [label["name"] for label in bundle.card.labels] == [v.name for v in VERTEBRAE]
+    network = build_network_from_card(bundle.card)
+    assert network.head.out_channels == len(VERTEBRAE) + 1 == 28
+
+
+def test_vertebrae_targets_are_network_channels_and_an_unlabelled_sacrum_is_unsupervised(data_root):
+    from SpineContextSegLib.labels import vertebra_class_ids
+    from SpineContextSegLib.training import TrainConfig, load_case_volumes
+
+    config = TrainConfig(data=[data_root], task="vertebrae", spacing_mm=2.0)
+    volumes = [v for _, v in load_case_volumes(config)]
+    assert len(volumes) == 3
+    channels = [vertebra_class_ids().index(v) + 1 for v in (20, 21, 22)]
+    assert set(np.unique(volumes[0].label).tolist()) == {0, *channels}
+    assert volumes[0].weight.all()  # L1-L3 only: nothing below them is a sacrum left unlabelled
+
+
+def test_below_an_unlabelled_sacrum_nothing_is_taught():
+    from SpineContextSegLib.training import unsupervise_below_unlabelled_sacrum
+
+    labels = np.zeros((30, 4, 4), np.uint8)
+    labels[10:18] = 24  # L5 (axis 0 runs inferior -> superior)
+    labels[20:28] = 23
+    weight = np.ones(labels.shape, bool)
+    assert unsupervise_below_unlabelled_sacrum(labels, weight)
+    assert not weight[:10].any() and weight[10:].all()
+    labels[2:8] = 26  # a labelled sacrum is taught as such
+    weight[:] = True
+    assert not unsupervise_below_unlabelled_sacrum(labels, weight) and weight.all()
+
+
+def test_dice_ce_loss_ignores_zero_weight_and_rewards_the_right_vertebra():
+    target = torch.zeros(1, 1, 4, 4, 4)
+    target[..., :2, :] = 3
+    right = torch.full((1, 5, 4, 4, 4), -5.0)
+    right[:, 0][target[:, 0] == 0] = 5.0
+    right[:, 3][target[:, 0] == 3] = 5.0
+    neighbour = right.clone()
+    neighbour[:, [3, 4]] = neighbour[:, [4, 3]]  # the right place, the name of the vertebra below
+    weight = torch.ones_like(target)
+    assert float(masked_dice_ce_loss(right, target, weight)) < 0.1 < float(masked_dice_ce_loss(neighbour, target, weight))
+    weight[..., :2, :] = 0  # where the vertebra is, nothing is supervised
+    assert float(masked_dice_ce_loss(neighbour, target, weight)) == pytest.approx(float(masked_dice_ce_loss(right, target, weight)))
+
+
+def test_init_weights_from_a_spine_network_keep_all_but_the_head():
+    from SpineContextSegLib.errors import SegmentationError
+    from SpineContextSegLib.network import build_network
+    from SpineContextSegLib.training import load_matching_weights
+
+    spine = build_network("SpineContextResUNet", widths=[4, 8, 8], bottleneck_channels=8)
+    vertebrae = build_network("SpineContextResUNet", widths=[4, 8, 8], bottleneck_channels=8, out_channels=28)
+    assert load_matching_weights(vertebrae, spine.state_dict()) == ["head.weight", "head.bias"]
+    own = vertebrae.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in spine.state_dict().items() if not k.startswith("head."))
+    wider = build_network("SpineContextResUNet", widths=[8, 8, 8], bottleneck_channels=8, out_channels=28)
+    with pytest.raises(SegmentationError) as error:
+        load_matching_weights(wider, spine.state_dict())
+    assert error.value.code == "model_incompatible" and "--widths" in str(error.value)
 
 
 def test_resume_continues_where_it_stopped(data_root, tmp_path):

@@ -485,3 +485,45 @@ def test_a_spinous_process_stays_with_its_vertebra_when_the_mask_bridges_to_the_
     for value in range(1, 6):
         own = instances[(truth == value) & spinous]
         assert (own == value).mean() >= 0.95, f"vertebra {value}: its spinous process went to {np.bincount(own)}"
+
+
+# ------------------------------------------------------------------------------------ network votes
+THORACIC = [(12.0, 20.0)] * 4
+
+
+def votes_from(truth, verse_ids):
+    """A stand-in vertebrae network: every voxel of true vertebra k votes ``verse_ids[k - 1]``."""
+    lookup = np.zeros(int(truth.max()) + 1, dtype=np.uint8)
+    lookup[1:] = verse_ids
+    return lookup[truth]
+
+
+def test_network_name_shares_are_per_segment_vote_fractions():
+    instances = np.array([[[1, 1, 1, 2, 2, 0, 3]]])
+    votes = np.array([[[20, 20, 21, 22, 0, 24, 0]]], dtype=np.uint8)
+    shares = vertebrae.network_name_shares(instances, votes, 3)
+    assert shares.shape == (3, 29)
+    assert shares[0, 20] == pytest.approx(2 / 3) and shares[0, 21] == pytest.approx(1 / 3)
+    assert shares[1, 22] == 1.0  # the unvoted voxel does not dilute it; the vote outside any segment is ignored
+    assert shares[2].sum() == 0.0
+
+
+def test_network_votes_name_a_thoracic_run_that_ribs_alone_cannot_place():
+    ct, mask, truth = make_spine(THORACIC, ribs=(0, 1, 2, 3), margin_below_mm=0.0, margin_above_mm=0.0)
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    _, alone = vertebrae.name_vertebrae(instances, ct, 2.0)
+    assert alone["confidence"] < 0.5  # four rib-bearing vertebrae could be any four of T1-T12
+    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0, name_votes=votes_from(truth, [13, 14, 15, 16]))
+    assert info["names"] == ["T6", "T7", "T8", "T9"]
+    assert "network" in info["method"] and info["confidence"] > 0.9
+    assert [e["network"] for e in info["evidence"]] == ["T6", "T7", "T8", "T9"]
+    _assert_anatomical(labels)
+
+
+def test_votes_out_of_anatomical_order_still_give_a_chain_the_anchors_agree_with():
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True)
+    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    # the network swaps the top two and calls the lowest one L4 again: no duplicates, no gaps come out
+    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0, name_votes=votes_from(truth, [21, 20, 22, 23, 23]))
+    assert info["names"] == ["L1", "L2", "L3", "L4", "L5"]
+    _assert_anatomical(labels)

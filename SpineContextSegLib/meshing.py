@@ -544,6 +544,12 @@ def safe_file_name_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
 
 
+def check_stl_path(path: str) -> None:
+    """Raise ``output_format`` unless ``path`` ends in ``.stl`` (checked before a run computes anything)."""
+    if not str(path).lower().endswith(".stl"):
+        raise SegmentationError("output_format", f"Surface output must be an .stl file, got {os.path.basename(str(path))!r}.")
+
+
 def mesh_labelmap_to_stl(
     label_image: "sitk.Image",
     out_path: str,
@@ -597,8 +603,7 @@ def mesh_labelmap_to_stl(
     if space not in STL_SPACES:
         raise ValueError(f"space must be one of {STL_SPACES}, got {space!r}")
     out_path = os.path.abspath(out_path)
-    if not out_path.lower().endswith(".stl"):
-        raise SegmentationError("output_format", f"Surface output must be an .stl file, got {os.path.basename(out_path)!r}.")
+    check_stl_path(out_path)
     check_output_location(out_path)  # fail before meshing, not after
 
     array = _integer_labels(label_image)

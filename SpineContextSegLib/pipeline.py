@@ -283,6 +283,10 @@ def segment_file(
             raise SegmentationError("output_is_input", f"Output {path} is the input file; the input is never overwritten. Choose another name.")
         check_output_location(path)
     check_labelmap_path(output_path)  # a wrong extension fails now, not after the network ran
+    if stl_path:
+        from .meshing import check_stl_path
+
+        check_stl_path(stl_path)
     start_total = time.perf_counter()
     timer = _StageTimer(reporter)
     image = timer.run("read", read_image, input_path, series_uid=options.series_uid, reporter=reporter)

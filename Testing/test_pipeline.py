@@ -339,3 +339,13 @@ def test_memory_estimate_counts_a_stitching_accumulator_per_extra_output_channel
     canonical_voxels = 50 * 40 * 60  # 100 x 80 x 120 mm at 2 mm
     extra = estimate_segmentation_memory_bytes(image, (2.0, 2.0, 2.0), 28) - estimate_segmentation_memory_bytes(image, (2.0, 2.0, 2.0))
     assert extra == canonical_voxels * 4 * 27
+
+
+def test_a_surface_path_without_stl_extension_is_refused_before_the_network_runs(tmp_path, bundle):
+    source = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(), str(source))
+    engine = BoneThresholdEngine()
+    with pytest.raises(SegmentationError) as error:
+        segment_file(str(source), str(tmp_path / "mask.nii.gz"), SegmentOptions(), stl_path=str(tmp_path / "x"), bundle=bundle, engine=engine)
+    assert error.value.code == "output_format" and engine.calls == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]

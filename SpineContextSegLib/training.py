@@ -141,12 +141,13 @@ def unsupervise_below_unlabelled_sacrum(verse_labels: np.ndarray, weight: np.nda
     bool
         True when slices were cleared (L5 or L6 is labelled and the sacrum is not).
     """
-    from .labels import L6_ID, SACRUM_ID
+    from .labels import L6_ID, SACRUM_ID, vertebra_by_name
 
     present = np.unique(verse_labels)
     if SACRUM_ID in present:
         return False
-    last_lumbar = L6_ID if L6_ID in present else 24 if 24 in present else None
+    l5_id = vertebra_by_name("L5").value
+    last_lumbar = L6_ID if L6_ID in present else l5_id if l5_id in present else None
     if last_lumbar is None:
         return False
     lowest_slice = int(np.nonzero((verse_labels == last_lumbar).any(axis=(1, 2)))[0].min())
@@ -343,18 +344,15 @@ class Trainer:
         self.rng = np.random.default_rng(config.seed + 1000 * self.rank)
         self.generator = torch.Generator().manual_seed(config.seed + 7 + self.rank)
 
-        if config.task not in TASKS:
-            raise ValueError(f"unknown task {config.task!r}; choose one of {', '.join(TASKS)}")
-        from .labels import SPINE, VERTEBRAE
+        from .labels import labels_for_task
 
-        labels = [SPINE.to_json()] if config.task == "spine" else [label.to_json() for label in VERTEBRAE]
         self.card = ModelCard(
             name=f"spinecontextseg-{config.task}",
             version="1.0.0",
             task=config.task,
             architecture=config.architecture,
             architecture_kwargs=dict(config.architecture_kwargs),
-            labels=labels,
+            labels=[label.to_json() for label in labels_for_task(config.task)],  # ValueError for an unknown task
             spacing_mm=[config.spacing_mm] * 3,
             hu_window=list(config.hu_window),
             patch_size=list(config.patch_size),

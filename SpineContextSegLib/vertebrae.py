@@ -1065,9 +1065,14 @@ def network_name_shares(instances: np.ndarray, name_votes: np.ndarray, count: in
     return np.divide(table, totals, out=np.zeros_like(table), where=totals > 0)
 
 
+def _verse_ids_of(name: int) -> Tuple[int, ...]:
+    """The VerSe ids a run's name stands for: C1 and C2 for :data:`ATLAS_AXIS`, else the name itself."""
+    return (1, 2) if name == ATLAS_AXIS else (name,)
+
+
 def _network_log_probability(name: int, shares: np.ndarray) -> float:
     """log P(name | a segment's vote shares), with :data:`NETWORK_VOTE_FLOOR` spread over all names."""
-    share = float(shares[1] + shares[2]) if name == ATLAS_AXIS else float(shares[name])
+    share = float(shares[list(_verse_ids_of(name))].sum())
     return math.log((1.0 - NETWORK_VOTE_FLOOR) * share + NETWORK_VOTE_FLOOR / _MAX_VERSE_ID)
 
 
@@ -1119,7 +1124,7 @@ def _log_likelihood(
         if below.get("alae_found"):
             parts["sacrum"] += math.log(0.7 if last_lumbar else 0.2)
     if above.get("skull_found"):
-        parts["skull"] += math.log(0.8 if names[0] in (ATLAS_AXIS, 1) else 0.05)
+        parts["skull"] += math.log(0.8 if 1 in _verse_ids_of(names[0]) else 0.05)
     return sum(parts.values()), parts
 
 
@@ -1256,10 +1261,10 @@ def name_vertebrae(
         deciding.append("ribs")
     elif lowest_rib is not None and lowest_rib > offset and 8 <= best_names[lowest_rib - 1 - offset] <= 19:
         deciding.append("ribs (thoracic)")
-    if above["skull_found"] and best_names[0] in (ATLAS_AXIS, 1):
+    if above["skull_found"] and 1 in _verse_ids_of(best_names[0]):
         deciding.append("skull")
     if votes is not None:
-        agreeing = sum(1 for name, shares in zip(best_names, votes[offset:]) if shares.sum() > 0 and int(np.argmax(shares)) in ((1, 2) if name == ATLAS_AXIS else (name,)))
+        agreeing = sum(1 for name, shares in zip(best_names, votes[offset:]) if shares.sum() > 0 and int(np.argmax(shares)) in _verse_ids_of(name))
         if agreeing * 2 > len(best_names):  # the network named most segments as the run does
             deciding.append("network")
     present = [v for v in final_names if v]

@@ -31,6 +31,12 @@ the generic "Vertebra" (51282000) with the thoracic/lumbar spine as anatomic reg
 way that mapping file codes ``vertebrae_thoracic``/``vertebrae_lumbar``. The binary
 segment is "Vertebral column" (421060004, the SNOMED CT body structure used as the DICOM
 "Spine" anatomic region).
+
+3D Slicer's own "General Anatomy" and DICOM lists do not contain all of these codes, so the
+segments name their own terminology context, :data:`TERMINOLOGY_CONTEXT`. The Slicer extension
+ships it as a terminology file (:data:`TERMINOLOGY_FILE_NAME`, built by
+:func:`slicer_terminology`) and loads it at start-up, so Slicer can look every code up and
+offer it in the segment's terminology selector.
 """
 from __future__ import annotations
 
@@ -41,8 +47,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-#: Slicer terminology context of the segmentation category and type (same as SlicerTotalSegmentator).
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+#: Slicer terminology context of the segmentation category and type: our own list, shipped with the
+#: Slicer extension as :data:`TERMINOLOGY_FILE_NAME` (see :func:`slicer_terminology`).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - SpineContextSeg"
+#: File name of the Slicer terminology (``SegmentationCategoryTypeModifier-*.term.json``) that
+#: defines :data:`TERMINOLOGY_CONTEXT`; the extension keeps it in ``SpineContextSeg/Resources``.
+TERMINOLOGY_FILE_NAME = "SegmentationCategoryTypeModifier-SpineContextSeg.term.json"
 #: Slicer terminology context of the anatomic region.
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 #: Category of every segment here: SNOMED CT "Anatomical Structure".
@@ -93,8 +103,8 @@ class LabelInfo:
         """The 3D Slicer segment terminology tag.
 
         Format ``context~CS^code^meaning~type~typeModifier~regionContext~region~regionModifier``,
-        e.g. ``"Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^
-        Anatomical Structure~SCT^14806007^C1 vertebra~^^~Anatomic codes - DICOM master list~^^~^^"``.
+        e.g. ``"Segmentation category and type - SpineContextSeg~SCT^123037004^Anatomical
+        Structure~SCT^14806007^C1 vertebra~^^~Anatomic codes - DICOM master list~^^~^^"``.
         """
         category = "^".join(CATEGORY_CODE)
         segment_type = f"SCT^{self.snomed_code}^{self.snomed_meaning}"
@@ -356,3 +366,59 @@ def parse_vertebra_range(spec: str) -> List[int]:
             levels = [_parse_level(item)]
         selected.extend(v for v in levels if v not in selected)
     return sorted(selected, key=CRANIO_CAUDAL_ORDER.index)
+
+
+#: 3D Slicer's terminology file schema (dcmqi segment context schema).
+_TERMINOLOGY_SCHEMA = "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#"
+#: Recommended colour of the generic "Vertebra" type (T13, L6): Slicer's "bone".
+_VERTEBRA_TYPE_RGB = (241, 214, 145)
+
+
+def _rgb255(color_rgb: Sequence[float]) -> List[int]:
+    return [int(round(255 * float(c))) for c in color_rgb[:3]]
+
+
+def slicer_terminology() -> dict:
+    """The 3D Slicer terminology (category/type context) that defines every code used here.
+
+    One category, SNOMED CT "Anatomical Structure", whose types are "Vertebral column" (the
+    binary spine segment), C1-T12, "Vertebra" (T13 and L6, which carry the thoracic or lumbar
+    spine as anatomic region), L1-L5 and the sacrum, in cranio-caudal order, each with its
+    recommended display colour (0-255, the segment colour) and its segment name as
+    ``3dSlicerLabel``. Slicer reads it with
+    ``slicer.modules.terminologies.logic().LoadTerminologyFromFile(path)``.
+    """
+    types: List[dict] = []
+    seen = set()
+    for info in [SPINE] + [_BY_ID[v] for v in CRANIO_CAUDAL_ORDER]:
+        if info.snomed_code in seen:
+            continue
+        seen.add(info.snomed_code)
+        generic = info.region is not None  # "Vertebra": shared by T13 and L6
+        types.append({
+            "CodingSchemeDesignator": "SCT",
+            "CodeValue": info.snomed_code,
+            "CodeMeaning": info.snomed_meaning,
+            "SNOMEDCTConceptID": info.snomed_code,
+            "3dSlicerLabel": "vertebra" if generic else info.name,
+            "recommendedDisplayRGBValue": list(_VERTEBRA_TYPE_RGB) if generic else _rgb255(info.color_rgb),
+        })
+    category = {
+        "CodingSchemeDesignator": CATEGORY_CODE[0],
+        "CodeValue": CATEGORY_CODE[1],
+        "CodeMeaning": CATEGORY_CODE[2],
+        "showAnatomy": True,  # T13 and L6 name their spine region
+        "Type": types,
+    }
+    return {
+        "SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT,
+        "@schema": _TERMINOLOGY_SCHEMA,
+        "SegmentationCodes": {"Category": [category]},
+    }
+
+
+def slicer_terminology_json() -> str:
+    """:func:`slicer_terminology` as the exact text of the shipped ``.term.json`` file."""
+    import json
+
+    return json.dumps(slicer_terminology(), indent=2) + "\n"

@@ -6,6 +6,7 @@ whole file is skipped with that reason.
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
@@ -36,8 +37,11 @@ if MODULE_DIR not in sys.path:
 
 from SpineContextSegSlicerLib import mrml_io  # noqa: E402
 
+from SpineContextSegLib import labels as label_table  # noqa: E402
 from SpineContextSegLib.errors import SegmentationError  # noqa: E402
 from SpineContextSegLib.labels import SPINE, vertebra_by_name  # noqa: E402
+
+TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "SegmentationCategoryTypeModifier-SpineContextSeg.term.json")
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -294,6 +298,80 @@ def test_missing_result_file_is_reported(scene, tmp_path):
     with pytest.raises(SegmentationError) as raised:
         mrml_io.import_label_map(str(tmp_path / "nothing.nrrd"), segmentation, [SPINE.to_json()], volume)
     assert raised.value.code == "input_unreadable"
+
+
+# ----------------------------------------------------------------------------- segment metadata
+def import_every_label(scene, tmp_path, labels):
+    """One small block per label, imported the way the module imports the worker's result."""
+    shape = (6, 8, 4 * len(labels))
+    volume = add_volume(scene, np.zeros(shape, np.int16), np.eye(4))
+    exported = mrml_io.export_volume(volume, str(tmp_path / "input.nrrd"))
+    label_array = np.zeros(shape, np.uint8)
+    for index, label in enumerate(labels):
+        label_array[1:5, 2:6, 4 * index + 1 : 4 * index + 3] = label["value"]
+    write_like(str(tmp_path / "result.nrrd"), label_array, str(tmp_path / "input.nrrd"))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    ids = mrml_io.import_label_map(str(tmp_path / "result.nrrd"), segmentation, labels, volume, exported_ijk_to_ras=exported)
+    assert len(ids) == len(labels)
+    return segmentation, ids
+
+
+def terminology_codes(logic, context):
+    """{(scheme, category code): {(scheme, type code), ...}} as Slicer's terminology logic read them."""
+    codes = {}
+    category = slicer.vtkSlicerTerminologyCategory()
+    term_type = slicer.vtkSlicerTerminologyType()
+    for i in range(logic.GetNumberOfCategoriesInTerminology(context)):
+        assert logic.GetNthCategoryInTerminology(context, i, category)
+        types = codes.setdefault((category.GetCodingSchemeDesignator(), category.GetCodeValue()), set())
+        for j in range(logic.GetNumberOfTypesInTerminologyCategory(context, category)):
+            assert logic.GetNthTypeInTerminologyCategory(context, category, j, term_type)
+            types.add((term_type.GetCodingSchemeDesignator(), term_type.GetCodeValue()))
+    return codes
+
+
+@pytest.mark.parametrize("task", ["spine", "vertebrae"])
+def test_every_segment_names_our_terminology_context_and_its_codes(scene, tmp_path, task):
+    """Slicer's own terminology logic loads the shipped file; every segment's tag resolves in it."""
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    context = mrml_io.load_terminology(logic, TERMINOLOGY_FILE)
+    with open(TERMINOLOGY_FILE, encoding="utf-8") as handle:
+        assert context == json.load(handle)["SegmentationCategoryTypeContextName"]
+    codes = terminology_codes(logic, context)
+    labels = [label.to_json() for label in label_table.labels_for_task(task)]
+    segmentation, ids = import_every_label(scene, tmp_path, labels)
+    entry = slicer.vtkSlicerTerminologyEntry()
+    for segment_id in ids:
+        tag = terminology_tag(segmentation.GetSegmentation().GetSegment(segment_id))
+        assert logic.DeserializeTerminologyEntry(tag, entry), tag
+        assert entry.GetTerminologyContextName() == context, f"{segment_id}: {tag}"
+        category = (entry.GetCategoryObject().GetCodingSchemeDesignator(), entry.GetCategoryObject().GetCodeValue())
+        assert category in codes, f"{segment_id}: category {category} is not in {TERMINOLOGY_FILE}"
+        segment_type = (entry.GetTypeObject().GetCodingSchemeDesignator(), entry.GetTypeObject().GetCodeValue())
+        assert segment_type in codes[category], f"{segment_id}: type {segment_type} is not in {TERMINOLOGY_FILE}"
+        assert not entry.GetTypeModifierObject().GetCodeValue()
+
+
+def test_terminology_loading_refuses_a_missing_file():
+    with pytest.raises(SegmentationError) as raised:
+        mrml_io.load_terminology(slicer.vtkSlicerTerminologiesModuleLogic(), "/nonexistent/x.term.json")
+    assert "incompletely installed" in raised.value.message
+
+
+def test_imported_segments_keep_their_name_and_colour(scene, tmp_path):
+    """Name and colour are ours, not auto-generated: Slicer must not replace them."""
+    labels = [label.to_json() for label in label_table.labels_for_task("vertebrae")[:3]]
+    segmentation, ids = import_every_label(scene, tmp_path, labels)
+    for segment_id, label in zip(ids, labels):
+        segment = segmentation.GetSegmentation().GetSegment(segment_id)
+        assert segment.GetName() == label["name"]
+        assert not segment.GetNameAutoGenerated(), f"{segment_id}: NameAutoGenerated left true"
+        assert not segment.GetColorAutoGenerated(), f"{segment_id}: ColorAutoGenerated left true"
+    storage = slicer.vtkMRMLSegmentationStorageNode()  # and so they are saved
+    storage.SetFileName(str(tmp_path / "out.seg.nrrd"))
+    assert storage.WriteData(segmentation)
+    header = nrrd.read_header(str(tmp_path / "out.seg.nrrd"))
+    assert header["Segment0_NameAutoGenerated"] == "0" and header["Segment0_ColorAutoGenerated"] == "0"
 
 
 # ----------------------------------------------------------------------------- surfaces and STL

@@ -5,6 +5,8 @@ Runs anywhere (no Slicer, no Qt): parses the .ui XML, the CMake files and the Py
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import os
 import py_compile
 import re
@@ -21,6 +23,11 @@ UI_FILE = os.path.join(MODULE_DIR, "Resources", "UI", "SpineContextSeg.ui")
 MODULE_CMAKE = os.path.join(MODULE_DIR, "CMakeLists.txt")
 TOP_CMAKE = os.path.join(ROOT, "CMakeLists.txt")
 LIBRARY_DIR = os.path.join(ROOT, "SpineContextSegLib")
+SAMPLE_CT = os.path.join(LIBRARY_DIR, "resources", "sample", "ct.nii.gz")
+TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "SegmentationCategoryTypeModifier-SpineContextSeg.term.json")
+
+#: "Firstname Lastname (Organisation)": one contributor, as Slicer's extension template writes it.
+CONTRIBUTOR_RE = r"[^,()]*\S \([^,()]+\)"
 
 #: From Slicer/ExtensionsIndex scripts/check_description_files.py.
 ICON_URL_RE = r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)'
@@ -207,6 +214,67 @@ def test_no_heavy_imports_at_module_level(module_ast):
     assert not heavy, f"SpineContextSeg.py imports {sorted(heavy)} at load time (Slicer imports every module at startup)"
     source = read(MODULE_PY)
     assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
+    assert 'slicer.app.connect("startupCompleted()", loadTerminology)' in source
+
+
+def module_function(module_ast, name: str, class_name: str = None) -> ast.FunctionDef:
+    body = module_ast.body
+    if class_name:
+        body = next(c for c in body if isinstance(c, ast.ClassDef) and c.name == class_name).body
+    return next(f for f in body if isinstance(f, ast.FunctionDef) and f.name == name)
+
+
+def module_constant(module_ast, name: str):
+    for node in module_ast.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"no module-level constant {name} in SpineContextSeg.py")
+
+
+# ----------------------------------------------------------------------------- start-up and sample data
+def test_sample_checksum_is_a_constant_that_matches_the_shipped_file(module_ast):
+    """The expected SHA-256 is written in the code, not computed from the very file it should check."""
+    with open(SAMPLE_CT, "rb") as handle:
+        actual = hashlib.sha256(handle.read()).hexdigest()
+    assert module_constant(module_ast, "SAMPLE_SHA256") == actual, "update SAMPLE_SHA256 in SpineContextSeg.py (the sample CT changed)"
+    register = module_function(module_ast, "registerSampleData")
+    source = ast.unparse(register)
+    assert "hashlib" not in source and "open(" not in source, "registerSampleData must not hash the file it checks"
+    assert "SAMPLE_SHA256" in source
+
+
+def test_startup_functions_catch_an_incomplete_install(module_ast):
+    """samplePath() (which imports the library) and the terminology loading run inside a try."""
+    for name, call in (("registerSampleData", "samplePath"), ("loadTerminology", "_libraries")):
+        function = module_function(module_ast, name)
+        calls_in_try = {
+            ast.unparse(node.func)
+            for statement in ast.walk(function)
+            if isinstance(statement, ast.Try) and statement.handlers
+            for inner in statement.body
+            for node in ast.walk(inner)
+            if isinstance(node, ast.Call)
+        }
+        all_calls = {ast.unparse(node.func) for node in ast.walk(function) if isinstance(node, ast.Call)}
+        assert call in all_calls and call in calls_in_try, f"{name}: {call}() must be called inside try/except"
+
+
+# ----------------------------------------------------------------------------- the self-test
+def test_self_test_works_without_the_module_entered_and_offline(module_ast):
+    """Reload & Test (or ctest) may run while the module was never entered, and without network."""
+    test_class = next(c for c in module_ast.body if isinstance(c, ast.ClassDef) and c.name == "SpineContextSegTest")
+    source = ast.unparse(test_class)
+    assert "._parameterNode" not in source, "the self-test must not read widget._parameterNode (None until the module is entered)"
+    assert "ensureParameterNode()" in source
+    for network in ("installDependencies", "pip_install", "pip_ensure", "urlopen", "requests."):
+        assert network not in source, f"the self-test must not need the network ({network})"
+    helpers = [f.name for f in test_class.body if isinstance(f, ast.FunctionDef) and not f.name.startswith("test_")]
+    assert not [h for h in helpers if "test" in h], f"Slicer runs every method whose name contains 'test': {helpers}"
+    # widget actions the self-test drives get the parameter node through ensureParameterNode()
+    plumbing = {"__init__", "initializeParameterNode", "setParameterNode", "ensureParameterNode", "exit", "_onParameterNodeModified", "updateButtons"}
+    widget = next(c for c in module_ast.body if isinstance(c, ast.ClassDef) and c.name == "SpineContextSegWidget")
+    direct = sorted(f.name for f in widget.body if isinstance(f, ast.FunctionDef) and f.name not in plumbing and "self._parameterNode" in ast.unparse(f))
+    assert not direct, f"use self.ensureParameterNode() in {direct}"
 
 
 def all_imports(path: str) -> Set[str]:
@@ -271,9 +339,11 @@ def test_module_cmake_lists_every_module_file():
 def test_module_cmake_installs_every_library_file_next_to_the_module():
     text = read(MODULE_CMAKE)
     listed = set(cmake_list(text, "LIBRARY_PYTHON_SCRIPTS") + cmake_list(text, "LIBRARY_PYTHON_RESOURCES"))
+    not_shipped = set(cmake_list(text, "LIBRARY_NOT_SHIPPED"))
     present = {"SpineContextSegLib/" + f for f in shipped_files(LIBRARY_DIR)}
-    assert present - listed == set(), f"add to SpineContextSeg/CMakeLists.txt (LIBRARY_PYTHON_*): {sorted(present - listed)}"
+    assert present - listed - not_shipped == set(), f"add to SpineContextSeg/CMakeLists.txt (LIBRARY_PYTHON_*): {sorted(present - listed - not_shipped)}"
     assert listed - present == set(), f"listed but missing: {sorted(listed - present)}"
+    assert not listed & not_shipped
     scripts = cmake_list(text, "LIBRARY_PYTHON_SCRIPTS")
     assert all(s.endswith(".py") for s in scripts) and "SpineContextSegLib/worker.py" in scripts
     # rooted at the project so the package lands in qt-scripted-modules/SpineContextSegLib
@@ -281,6 +351,35 @@ def test_module_cmake_installs_every_library_file_next_to_the_module():
     assert "SOURCE_DIR ${PROJECT_SOURCE_DIR}" in macro
     assert "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in macro
     assert "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in macro
+
+
+def test_extension_ships_the_onnx_model_and_not_the_torch_weights():
+    """The worker runs ONNX Runtime: model.pt (6.9 MB, PyTorch only) stays out of the extension."""
+    text = read(MODULE_CMAKE)
+    shipped = cmake_list(text, "LIBRARY_PYTHON_RESOURCES") + cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert "SpineContextSegLib/resources/models/spine/model.onnx" in shipped
+    assert "SpineContextSegLib/resources/models/spine/model.json" in shipped
+    assert not [f for f in shipped if f.endswith((".pt", ".pth", ".ckpt"))], "PyTorch weights must not be installed"
+    assert "SpineContextSegLib/resources/models/spine/model.pt" in cmake_list(text, "LIBRARY_NOT_SHIPPED")
+
+
+def test_testing_cmake_subdirectory_as_in_slicers_template():
+    """Slicer's scripted-module template: add_subdirectory(Testing) under BUILD_TESTING, Testing/Python inside."""
+    text = read(MODULE_CMAKE)
+    block = re.search(r"if\(BUILD_TESTING\)(.*?)endif\(\)", text, re.S)
+    assert block and "add_subdirectory(Testing)" in block.group(1)
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py", block.group(1))
+    testing = os.path.join(MODULE_DIR, "Testing")
+    assert "add_subdirectory(Python)" in read(os.path.join(testing, "CMakeLists.txt"))
+    python = read(os.path.join(testing, "Python", "CMakeLists.txt"))
+    assert "Testing/test_slicer_static.py" in python and "add_test(" in python
+    assert os.path.isfile(os.path.join(ROOT, "Testing", "test_slicer_static.py"))
+
+
+def cmake_value(text: str, variable: str) -> str:
+    match = re.search(r"set\(" + variable + r'\s+"([^"]*)"\)', text)
+    assert match, f"{variable} not set"
+    return match.group(1)
 
 
 def test_top_level_cmake_metadata():
@@ -299,6 +398,45 @@ def test_top_level_cmake_metadata():
     assert not "SpineContextSeg".startswith("Slicer")  # the index refuses names starting with Slicer
 
 
+def test_metadata_fields_are_slicer_fields_and_contributors_name_their_organisation(module_ast):
+    text = read(TOP_CMAKE)
+    slicer_fields = {"HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS", "STATUS", "BUILD_SUBDIRECTORY", "ENABLED"}
+    used = set(re.findall(r"set\(EXTENSION_([A-Z_]+)\s", text))
+    assert used <= slicer_fields, f"not Slicer extension fields: {sorted(used - slicer_fields)}"
+    contributors = [c.strip() for c in cmake_value(text, "EXTENSION_CONTRIBUTORS").split(",")]
+    for contributor in contributors:
+        assert re.fullmatch(CONTRIBUTOR_RE, contributor), f"{contributor!r}: write contributors as 'Firstname Lastname (Organisation)'"
+    assert module_constant(module_ast, "CONTRIBUTORS") == contributors, "the module's contributors differ from EXTENSION_CONTRIBUTORS"
+    assert "self.parent.contributors = list(CONTRIBUTORS)" in read(MODULE_PY)
+
+
+def raw_github_prefix(text: str) -> str:
+    """``https://raw.githubusercontent.com/<owner>/<repo>/main/`` of the repository EXTENSION_HOMEPAGE names."""
+    homepage = re.fullmatch(r"https://github\.com/([^/#]+)/([^/#]+)(?:#.*)?", cmake_value(text, "EXTENSION_HOMEPAGE"))
+    assert homepage, "EXTENSION_HOMEPAGE is not a GitHub repository page"
+    return f"https://raw.githubusercontent.com/{homepage.group(1)}/{homepage.group(2)}/main/"
+
+
+def test_icon_and_screenshot_urls_name_files_in_this_repository():
+    """Each URL is the raw GitHub address of a PNG in this tree (the Extensions Manager downloads them)."""
+    text = read(TOP_CMAKE)
+    prefix = raw_github_prefix(text)
+    icon = re.findall(ICON_URL_RE, text, re.I | re.M)
+    screenshots = re.findall(SCREENSHOT_URLS_RE, text, re.I | re.M)
+    assert len(icon) == 1 and len(screenshots) == 1
+    urls = icon + screenshots[0].split()
+    assert len(urls) >= 3, "give at least two screenshots"
+    for url in urls:
+        assert url.startswith(prefix), f"{url} is not a raw URL of {prefix}"
+        path = os.path.join(ROOT, *url[len(prefix):].split("/"))
+        assert os.path.isfile(path), f"{url} names {os.path.relpath(path, ROOT)}, which is not in the repository"
+        png_size(path)  # a real PNG
+        assert os.path.getsize(path) < 300 * 1024, f"{os.path.relpath(path, ROOT)} is over 300 KB"
+    for url in screenshots[0].split():
+        width, height = png_size(os.path.join(ROOT, *url[len(prefix):].split("/")))
+        assert width >= 640 and height >= 400, f"{url}: {width}x{height} is too small for a screenshot"
+
+
 def png_size(path: str):
     with open(path, "rb") as handle:
         head = handle.read(24)
@@ -311,6 +449,40 @@ def test_icons_are_png_of_the_right_size():
     assert png_size(os.path.join(MODULE_DIR, "Resources", "Icons", "SpineContextSeg.png")) == (128, 128)
     width, height = png_size(os.path.join(MODULE_DIR, "Resources", "Icons", "SpineContextSegSampleCT.png"))
     assert 200 <= width <= 300 and 200 <= height <= 300  # Sample Data thumbnails are about 260x280
+
+
+# ----------------------------------------------------------------------------- terminology
+def test_terminology_file_is_generated_from_the_label_table():
+    """The shipped .term.json is exactly what labels.slicer_terminology_json() writes."""
+    from SpineContextSegLib import labels
+
+    assert os.path.basename(TERMINOLOGY_FILE) == labels.TERMINOLOGY_FILE_NAME
+    assert read(TERMINOLOGY_FILE) == labels.slicer_terminology_json(), (
+        "regenerate: python -c \"from SpineContextSegLib.labels import slicer_terminology_json as t; "
+        f"open('{os.path.relpath(TERMINOLOGY_FILE, ROOT)}', 'w').write(t())\""
+    )
+    assert f'TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "{labels.TERMINOLOGY_FILE_NAME}")' in read(MODULE_PY)
+
+
+def test_terminology_file_has_every_code_a_segment_names():
+    from SpineContextSegLib import labels
+
+    terminology = json.loads(read(TERMINOLOGY_FILE))
+    context = terminology["SegmentationCategoryTypeContextName"]
+    assert context == labels.TERMINOLOGY_CONTEXT and "General Anatomy" not in context
+    categories = {(c["CodingSchemeDesignator"], c["CodeValue"]): c for c in terminology["SegmentationCodes"]["Category"]}
+    for info in [labels.SPINE] + list(labels.VERTEBRAE):
+        fields = info.terminology_entry().split("~")
+        assert fields[0] == context, f"{info.name}: tag names context {fields[0]!r}"
+        category = categories[tuple(fields[1].split("^")[:2])]
+        types = {(t["CodingSchemeDesignator"], t["CodeValue"]): t for t in category["Type"]}
+        scheme, code, meaning = fields[2].split("^")
+        assert (scheme, code) in types, f"{info.name}: type {code} is not in {os.path.basename(TERMINOLOGY_FILE)}"
+        assert types[(scheme, code)]["CodeMeaning"] == meaning
+        rgb = types[(scheme, code)]["recommendedDisplayRGBValue"]
+        assert len(rgb) == 3 and all(0 <= c <= 255 for c in rgb)
+    names = {t["CodeMeaning"] for c in categories.values() for t in c["Type"]}
+    assert {f"{p}{i} vertebra" for p, n in (("C", 7), ("T", 12), ("L", 5)) for i in range(1, n + 1)} | {"Sacrum", "Vertebral column"} <= names
 
 
 def test_license_is_apache_2():

@@ -427,6 +427,9 @@ class _ManualTimer:
     def connect(self, signal, callback):
         self.callbacks.append(callback)
 
+    def disconnect(self, signal, callback):
+        self.callbacks.remove(callback)
+
     def start(self):
         self.active = True
         _ManualTimer.running.append(self)
@@ -498,8 +501,14 @@ def module_with_stub_gui(monkeypatch, tmp_path):
         def value(self, key):
             return os.environ[key]
 
+    connections = []  # (signal, slot) pairs connected to the application, as PythonQt keeps them
+
+    def disconnect(signal, slot):
+        connections.remove((signal, slot))  # PythonQt compares the callables: a bound method equals its twin
+
     app = types.SimpleNamespace(
-        temporaryPath=str(tmp_path / "slicer-temp"), connect=lambda *args: None, processEvents=_pump,
+        temporaryPath=str(tmp_path / "slicer-temp"), connect=lambda signal, slot: connections.append((signal, slot)),
+        disconnect=disconnect, connections=connections, processEvents=_pump,
         layoutManager=lambda: None, startupEnvironment=_Environment,
     )
     for name, stub in (("qt", qt), ("ctk", types.ModuleType("ctk")), ("slicer.i18n", i18n),
@@ -599,3 +608,160 @@ def test_closing_the_scene_stops_a_running_worker(module_with_stub_gui, tiny_mod
     assert not logic.isRunning and run.outcome.status == "cancelled"
     assert wait_gone(run.worker.worker_pid)
     assert not os.path.exists(run.tempDir)
+
+
+# ----------------------------------------------------------------------------- lifecycle (issue 15)
+def test_a_finished_run_leaves_no_observer_and_the_logic_is_freed(module_with_stub_gui, tmp_path):
+    import gc
+    import weakref
+
+    module, scene, volume = module_with_stub_gui
+    from SpineContextSegLib.errors import SegmentationError
+
+    app = module.slicer.app
+    logic = module.SpineContextSegLogic()
+    with pytest.raises(SegmentationError):  # a quick failing run: no model
+        logic.process(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), device="cpu", model=str(tmp_path / "no-model"))
+    assert app.connections == [], "aboutToQuit() still connected after the run"
+    assert not scene.HasObserver(scene.StartCloseEvent), "scene-close observer left behind"
+    reference = weakref.ref(logic)
+    del logic
+    gc.collect()
+    assert reference() is None, "something still holds the logic (a leaked observer or connection)"
+
+
+@pytest.mark.skipif(not POSIX, reason="uses /proc")
+def test_widget_cleanup_stops_the_worker_and_removes_the_logic_observers(module_with_stub_gui, tiny_model_dir):
+    module, scene, volume = module_with_stub_gui
+    app = module.slicer.app
+    widget = module.SpineContextSegWidget()
+    widget.logic = logic = module.SpineContextSegLogic()
+    run = logic.process(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode"), device="cpu", model=tiny_model_dir, threads=1,
+                        overlap=0.85, waitForCompletion=False)
+    assert pump_until(lambda: run.worker.worker_pid is not None)
+    assert [signal for signal, _slot in app.connections] == ["aboutToQuit()"]
+    assert scene.HasObserver(scene.StartCloseEvent)
+    widget.cleanup()  # module unloaded / Slicer closing
+    assert not logic.isRunning and run.outcome.status == "cancelled"
+    assert wait_gone(run.worker.worker_pid)
+    assert app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
+    assert logic._timer is None and all(not t.callbacks for t in _ManualTimer.running)  # the poll timer let go too
+    logic.cleanup()  # twice is harmless
+
+
+class _FakeLog:
+    def __init__(self):
+        self.lines = []
+
+    def appendPlainText(self, text):
+        self.lines.append(text)
+
+    def toPlainText(self):
+        return "\n".join(self.lines)
+
+    def clear(self):
+        self.lines = []
+
+
+@pytest.mark.parametrize("slicer_version", ["5.12-gui", "5.12-testing", "5.8"])
+def test_a_failed_pip_install_shows_one_error_dialog(module_with_stub_gui, monkeypatch, slicer_version):
+    """Slicer 5.12+'s pip_install shows its own error dialog (with pip's log) before raising: ours must not follow."""
+    import contextlib
+    import subprocess
+    import types
+
+    module, _scene, _volume = module_with_stub_gui
+    slicer = module.slicer
+    dialogs = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kwargs: dialogs.append(text), raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True, raising=False)
+    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
+    testing = slicer_version == "5.12-testing"
+    monkeypatch.setattr(slicer.app, "testingEnabled", lambda: testing, raising=False)
+    if slicer_version.startswith("5.12"):
+        packaging = types.ModuleType("slicer.packaging")
+
+        def pip_install(requirements, constraints=None, requester=None, **kwargs):  # as Slicer 5.12.0 behaves
+            assert constraints and requester == "SpineContextSeg"
+            if not testing:  # _pip_install_with_dialog: errorDisplay(log), then raise
+                slicer.util.errorDisplay("Package installation failed.", windowTitle=f"{requester} - Installation Failed", detailedText="pip log")
+            raise subprocess.CalledProcessError(1, "pip install")
+
+        packaging.pip_install = pip_install
+        monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+        monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # import fails, as on 5.8-5.10
+        if hasattr(slicer, "packaging"):
+            monkeypatch.delattr(slicer, "packaging")
+
+        def pip_install(requirements):  # 5.8: runs pip, raises, shows nothing
+            raise subprocess.CalledProcessError(1, "pip install")
+
+        monkeypatch.setattr(slicer.util, "pip_install", pip_install, raising=False)
+
+    widget = module.SpineContextSegWidget()
+    widget.logic = module.SpineContextSegLogic()
+    monkeypatch.setattr(widget.logic, "missingDependencies", lambda device: (["onnxruntime>=1.16"], []))
+    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text="", styleSheet=""), logTextEdit=_FakeLog(),
+                                      logCollapsibleButton=types.SimpleNamespace(collapsed=True))
+    assert widget.ensureDependencies("cpu") is False
+    assert len(dialogs) == 1, f"{len(dialogs)} error dialogs: {dialogs}"
+    assert "Installing the Python packages failed" in widget.ui.statusLabel.text  # the panel still says what happened
+    assert widget.ui.logCollapsibleButton.collapsed is False
+
+
+# ----------------------------------------------------------------------------- start-up (issue 15)
+def test_startup_with_an_incomplete_install_logs_one_line_and_no_traceback(module_with_stub_gui, monkeypatch, caplog):
+    import types
+
+    module, _scene, _volume = module_with_stub_gui
+    registered = []
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(
+        registerCustomSampleDataCategory=lambda *args, **kwargs: None,
+        registerCustomSampleDataSource=lambda **kwargs: registered.append(kwargs),
+    )
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+
+    def missing_library():
+        raise ImportError("SpineContextSegLib was not found next to /x; the extension is incompletely installed.")
+
+    with monkeypatch.context() as patch, caplog.at_level("WARNING"):
+        patch.setattr(module, "_libraries", missing_library)
+        assert not module.registerSampleData()  # no exception escapes into Slicer's start-up
+        assert module.loadTerminology() is None
+    assert registered == []
+    assert any("incompletely installed" in r.getMessage() for r in caplog.records)
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged at start-up"
+
+    assert module.registerSampleData() is True  # complete install: registered with the constant checksum
+    assert registered[0]["checksums"] == f"SHA256:{module.SAMPLE_SHA256}"
+    assert registered[0]["uris"].startswith("file:")
+
+
+def test_terminology_is_loaded_at_startup_and_guarded(module_with_stub_gui, monkeypatch, caplog):
+    import types
+
+    module, _scene, _volume = module_with_stub_gui
+    slicer = module.slicer
+    terminology_logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(terminologies=types.SimpleNamespace(logic=lambda: terminology_logic)), raising=False)
+    from SpineContextSegLib.labels import TERMINOLOGY_CONTEXT
+
+    assert module.loadTerminology() == TERMINOLOGY_CONTEXT
+    names = vtk_string_list(terminology_logic)
+    assert TERMINOLOGY_CONTEXT in names
+
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(), raising=False)  # Terminologies module disabled
+    with caplog.at_level("WARNING"):
+        assert module.loadTerminology() is None
+    assert any("Terminologies module" in r.getMessage() for r in caplog.records)
+
+
+def vtk_string_list(terminology_logic):
+    import vtk
+
+    names = vtk.vtkStringArray()
+    terminology_logic.GetLoadedTerminologyNames(names)
+    return [names.GetValue(i) for i in range(names.GetNumberOfValues())]

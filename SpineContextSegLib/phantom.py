@@ -98,7 +98,7 @@ from .labels import (
 TISSUE_CODES: Dict[str, int] = {
     "air": 0, "fat": 1, "muscle": 2, "organ": 3, "lung": 4, "blood": 5, "csf": 6, "disc": 7,
     "vertebra": 8, "sacrum": 9, "rib": 10, "sternum": 11, "pelvis": 12, "cartilage": 13,
-    "table": 14, "metal": 15, "gas": 16,
+    "table": 14, "metal": 15, "gas": 16, "scapula": 17,
 }
 
 FIELDS_OF_VIEW = ("torso", "spine", "slab")
@@ -162,6 +162,16 @@ class PhantomOptions:
         Contrast-enhanced blood (aorta 250-400 HU). Default: 40 % yes.
     noise_hu, blur_mm : float, optional
         Gaussian noise standard deviation (HU) and blur standard deviation (mm).
+    anatomy : str, optional
+        ``"geometric"`` (vertebrae built from ellipses and capsules) or ``"real"``: T1-L5 from
+        real bone shapes (:mod:`.bone_shapes`, stretched onto each level's drawn body size with
+        a few per cent of random deformation per axis), rib heads meeting the vertebral body at
+        the costovertebral joint (at the disc above, as in a chest CT) with the neck running to
+        the transverse process, scapulae behind ribs 2-7, and an aorta touching the column.
+        Default: ``"real"`` in 60 % of phantoms when the shapes file is present.
+    streaks_hu : float, optional
+        Amplitude (HU) of low-dose streak artefacts (thin dark and bright lines through the
+        shoulders and along the table in axial slices); 0: none. Default: 0 (50 %) or 20..80.
     """
 
     first_level: Optional[Union[int, str]] = None
@@ -182,6 +192,11 @@ class PhantomOptions:
     contrast: Optional[bool] = None
     noise_hu: Optional[float] = None
     blur_mm: Optional[float] = None
+    anatomy: Optional[str] = None
+    streaks_hu: Optional[float] = None
+
+
+ANATOMY_STYLES = ("geometric", "real")
 
 
 @dataclass
@@ -557,6 +572,48 @@ def _draw_params(rng: np.random.Generator, options: PhantomOptions) -> Dict[str,
     return p
 
 
+def _draw_anatomy(seed: int, options: PhantomOptions, p: Dict[str, Any]) -> None:
+    """Draw the :attr:`PhantomOptions.anatomy` and streak choices into ``p``.
+
+    They come from a stream of their own (``default_rng([seed, 1])``), so phantoms of the
+    geometric style are the same as before these options existed.
+    """
+    from .bone_shapes import load_bone_shapes
+
+    rng = np.random.default_rng([int(seed), 1])
+    draws = {
+        "anatomy_roll": _u(rng, 0, 1),
+        "streak_roll": _u(rng, 0, 1),
+        "streaks_hu": _u(rng, 20, 80),
+        "streak_angles_deg": [float(x) for x in rng.uniform(0, 180, size=8)],
+        "streak_offsets": [float(x) for x in rng.uniform(-1, 1, size=8)],
+        "streak_signs": [float(x) for x in rng.choice([-1.0, 1.0], size=8)],
+        "shape_jitter": [[float(x) for x in row] for row in rng.normal(0, 0.04, size=(30, 3))],
+        "rib_head_rise": _u(rng, 0.3, 0.5),
+        "scapula_scale": _u(rng, 0.9, 1.1),
+        "scapula_spread": _u(rng, 0.5, 0.6),
+        "aorta_gap_mm": _u(rng, 0.0, 2.0),
+    }
+    shapes = load_bone_shapes()
+    anatomy = options.anatomy
+    if anatomy is None:
+        anatomy = "real" if shapes and draws["anatomy_roll"] < 0.6 else "geometric"
+    if anatomy not in ANATOMY_STYLES:
+        raise ValueError(f"anatomy must be one of {ANATOMY_STYLES}, not {anatomy!r}")
+    if anatomy == "real" and not shapes:
+        raise ValueError("anatomy='real' needs SpineContextSegLib/resources/anatomy/bone_shapes.npz: reinstall the package or run scripts/make_bone_shapes.py")
+    p["anatomy"] = anatomy
+    streaks = options.streaks_hu
+    if streaks is None:
+        streaks = draws["streaks_hu"] if draws["streak_roll"] < 0.5 else 0.0
+    if not 0.0 <= float(streaks) <= 500.0:
+        raise ValueError("streaks_hu must lie in 0..500")
+    p["streaks_hu"] = float(streaks)
+    for key in ("streak_angles_deg", "streak_offsets", "streak_signs", "shape_jitter", "rib_head_rise", "scapula_scale", "scapula_spread"):
+        p[key] = draws[key]
+    p["aorta_gap_mm"] = draws["aorta_gap_mm"] if anatomy == "real" else 3.0
+
+
 # --------------------------------------------------------------------------------------
 # Building the chain geometry
 
@@ -889,6 +946,7 @@ def generate_phantom(seed: int, options: Optional[PhantomOptions] = None, **over
     spacing, direction = _validate_grid(options.spacing_mm, options.direction)
     rng = np.random.default_rng(int(seed))
     p = _draw_params(rng, options)
+    _draw_anatomy(seed, options, p)
     levels = _build_levels(p)
     by_id = {lv.verse_id: lv for lv in levels}
     drawn = [by_id[v] for v in p["levels"]]
@@ -909,17 +967,21 @@ def generate_phantom(seed: int, options: Optional[PhantomOptions] = None, **over
     _paint_spine_soft_tissue(grid, levels, drawn, p)
     _paint_muscles_and_vessels(grid, levels, [lv.chain_index for lv in drawn], p)
     _paint_ribs(grid, levels, p, profile)
+    if p["anatomy"] == "real":
+        _paint_scapulae(grid, levels, p, profile)
     _paint_pelvis(grid, by_id[SACRUM_ID], p)
     _paint_vertebrae(grid, levels, drawn, p, min_radius=0.87 * float(spacing.max()))
     _paint_screws(grid, by_id, p)
 
     # ---- bone texture (mottling, blurred with the image), blur, noise, output
     ct = grid.ct
-    bone_voxels = np.isin(grid.tissue, [TISSUE_CODES[k] for k in ("vertebra", "sacrum", "rib", "sternum", "pelvis")])
+    bone_voxels = np.isin(grid.tissue, [TISSUE_CODES[k] for k in ("vertebra", "sacrum", "rib", "sternum", "pelvis", "scapula")])
     ct[bone_voxels] += rng.standard_normal(int(bone_voxels.sum()), dtype=np.float32) * np.float32(p["bone_texture_hu"])
     if p["blur_mm"] > 0:
         sigma = [p["blur_mm"] / spacing[2], p["blur_mm"] / spacing[1], p["blur_mm"] / spacing[0]]
         ct = ndimage.gaussian_filter(ct, sigma=sigma, truncate=3.0)
+    if p["streaks_hu"] > 0:
+        _add_streaks(ct, grid, levels, p)
     if p["noise_hu"] > 0:
         ct += rng.standard_normal(ct.shape, dtype=np.float32) * np.float32(p["noise_hu"])
     ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
@@ -1053,10 +1115,34 @@ def _paint_vertebrae(grid: _Grid, levels: List[_Level], drawn: List[_Level], p: 
                 bone.append(_capsule([side * 11 * s, vc, 0.5 * lv.height - 6.0 * s], [side * 13 * s, vc + 2, reach - r], r))
             _paint_bone(grid, lv.centre, lv.axes, bone, [], cort, core, 1.5, TISSUE_CODES["sacrum"], SACRUM_ID)
             continue
-        bone, carve = _vertebra_primitives(lv, p, disc_above, min_radius=min_radius)
+        real = _real_vertebra(lv, p, min_radius) if p["anatomy"] == "real" and p["fracture_level"] != lv.verse_id else None
+        bone, carve = real if real is not None else _vertebra_primitives(lv, p, disc_above, min_radius=min_radius)
         if p["fracture_level"] == lv.verse_id:
             core += 40.0  # impacted trabeculae
         _paint_bone(grid, lv.centre, lv.axes, bone, carve, cort, core, 1.5, TISSUE_CODES["vertebra"], lv.verse_id)
+
+
+#: Which real shape a level takes (variants take their neighbour's).
+_SHAPE_OF_LEVEL = {T13_ID: 19, L6_ID: 24}
+
+
+def _real_vertebra(lv: _Level, p: Dict[str, Any], min_radius: float):
+    """(bone, carve) primitives of a vertebra from its real shape, or None (no shape for the level).
+
+    The template is stretched per axis so that its body has the level's drawn width, depth and
+    height (times a few per cent of per-level jitter), and thickened on coarse grids the way the
+    geometric processes are (``min_radius``), so each label stays one piece.
+    """
+    from .bone_shapes import load_bone_shapes
+
+    template = load_bone_shapes().get(str(_SHAPE_OF_LEVEL.get(lv.verse_id, lv.verse_id)))
+    if template is None or lv.region == "cervical":
+        return None
+    jitter = 1.0 + np.asarray(p["shape_jitter"][lv.chain_index % 30])
+    scale = np.array([lv.width, lv.depth, lv.height]) / template.body_mm * jitter
+    thicken = max(0.0, min_radius - 1.5)
+    lo, hi = template.extent_mm(scale)
+    return [_Primitive(lo, hi, lambda u, v, w: template.distance_mm(u, v, w, scale) - thicken)], []
 
 
 def _paint_screws(grid: _Grid, by_id: Dict[int, _Level], p: Dict[str, Any]):
@@ -1212,6 +1298,10 @@ def _paint_ribs(grid: _Grid, levels: List[_Level], p: Dict[str, Any], profile: _
             start_u = 0.5 * lv.width + 1.0
             phi0 = -math.asin(min(0.99, (c_off - start_u) / a_r))
             phis = np.linspace(phi0, end, 9)
+            if p["anatomy"] == "real":  # head at the costovertebral joint, neck to the transverse process
+                head = np.array([side * (0.5 * lv.width - 2.0 * s), 0.3 * lv.depth, p["rib_head_rise"] * lv.height])
+                tubercle = np.array([side * (c_off + a_r * math.sin(phi0)), v_e + b_r * math.cos(phi0), 0.0])
+                _paint_bone(grid, lv.centre, lv.axes, [_capsule(head, tubercle, 4.0 * s)], [], cortical, core, 1.2, TISSUE_CODES["rib"], None)
 
             def rib_sd(u, v, w, side=side, phi0=phi0, end=end, a_r=a_r, b_r=b_r, v_e=v_e, c_off=c_off, drop=drop):
                 du = side * u - c_off
@@ -1271,6 +1361,53 @@ def _paint_ribs(grid: _Grid, levels: List[_Level], p: Dict[str, Any], profile: _
                     cortical, core, 1.5, TISSUE_CODES["sternum"], None)
 
 
+#: Turn of the scapula template about the vertical axis: its blade then lies ~35 deg from the
+#: coronal plane over the posterior ribs, as in a supine chest CT (the mesh's frame is steeper).
+SCAPULA_TURN_DEG = 20.0
+
+
+def _paint_scapulae(grid: _Grid, levels: List[_Level], p: Dict[str, Any], profile: _Profile):
+    """Both scapulae (real shape, the left one mirrored) on the back of the chest, T2-T7."""
+    from .bone_shapes import load_bone_shapes
+
+    template = load_bone_shapes().get("scapula")
+    if template is None:
+        return
+    hu = p["hu"]
+    scale = p["size_scale"] * p["scapula_scale"]
+    z = 0.5 * (_level_z(levels, 10) + _level_z(levels, 12))  # T3-T5: the middle of the blade
+    _, hi = template.extent_mm(np.array([scale] * 3))
+    y = float(profile.back(z)) - p["fat_mm"] - 5.0 * p["size_scale"] - 0.6 * float(hi[1])  # the blade just under the fat
+    turn = math.radians(SCAPULA_TURN_DEG)
+    for side in (-1, 1):  # the template is a right scapula (patient right = -x)
+        stretch = np.array([-side * scale, scale, scale])
+        lo, hi = template.extent_mm(stretch)
+        centre = np.array([side * p["scapula_spread"] * float(profile.half_width(z)), y, z])
+        c, s_ = math.cos(side * turn), math.sin(side * turn)
+        axes = np.array([[c, s_, 0.0], [-s_, c, 0.0], [0.0, 0.0, 1.0]])
+        _paint_bone(grid, centre, axes, [_Primitive(lo, hi, lambda u, v, w, st=stretch: template.distance_mm(u, v, w, st))], [],
+                    hu["cortical"] * 0.9, hu["thin_bone_core"], 1.2, TISSUE_CODES["scapula"], None)
+
+
+def _add_streaks(ct: np.ndarray, grid: _Grid, levels: List[_Level], p: Dict[str, Any]) -> None:
+    """Low-dose streaks in place: thin bright and dark lines across axial slices, inside the body.
+
+    Eight lines at random angles through the torso, strongest at the shoulders (above T3) and
+    fading to a fifth by T8, as photon starvation draws them in a real low-dose chest CT.
+    """
+    x, y, z = grid.world_coordinates(grid.full())
+    z_top, z_bottom = _level_z(levels, 10), _level_z(levels, 15)
+    envelope = np.clip((z - z_bottom) / max(z_top - z_bottom, 1.0), 0.2, 1.0).astype(np.float32)
+    y0 = float(np.mean([lv.centre[1] for lv in levels])) - 60.0 * p["size_scale"]
+    pattern = np.zeros(np.broadcast_shapes(x.shape, y.shape), dtype=np.float32)
+    for angle, offset, sign in zip(p["streak_angles_deg"], p["streak_offsets"], p["streak_signs"]):
+        theta = math.radians(angle)
+        distance = (x - 100.0 * offset) * math.sin(theta) - (y - y0) * math.cos(theta)
+        pattern += np.float32(sign) * np.exp(-np.square(distance / np.float32(1.2)))
+    inside = grid.tissue != TISSUE_CODES["air"]
+    ct += np.where(inside, pattern * envelope * np.float32(p["streaks_hu"]), np.float32(0.0))
+
+
 def _paint_pelvis(grid: _Grid, sacrum: _Level, p):
     hu = p["hu"]
     s = p["size_scale"]
@@ -1321,7 +1458,7 @@ def _paint_muscles_and_vessels(grid: _Grid, levels: List[_Level], drawn_index: L
                              muscle, TISSUE_CODES["muscle"])
         if 10 <= lv.position <= 22.5:  # descending aorta (left) and vena cava (right) down to L4
             r = float(np.interp(lv.position, [10, 22], [13, 10])) * s
-            for cu, cv, value, rr in ((0.3 * lv.width + r, -(b + r + 3.0 * s), aorta_hu, r),
+            for cu, cv, value, rr in ((0.3 * lv.width + r, -(b + r + p["aorta_gap_mm"] * s), aorta_hu, r),
                                        (-(0.3 * lv.width + r + 8.0 * s), -(b + r + 8.0 * s), cava_hu, r * 1.1)):
                 if lv.position < 17 and value is cava_hu:
                     continue  # the cava runs into the heart above the diaphragm

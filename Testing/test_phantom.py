@@ -192,3 +192,121 @@ def test_invalid_grid_raises_geometry_error():
         generate_phantom(0, direction=[1, 0, 0, 0, 2, 0, 0, 0, 1])
     with pytest.raises(ValueError):
         generate_phantom(0, first_level="L3", last_level="L1")
+
+
+# --------------------------------------------------------------------------------------
+# Real bone shapes, costovertebral joints, scapulae, streaks (anatomy="real")
+
+
+def voxel_points_mm(image, mask):
+    """Physical (x, y, z) mm of the voxels where ``mask`` (numpy order) is true."""
+    k, j, i = np.nonzero(mask)
+    index = np.stack([i, j, k], axis=1).astype(float)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return np.array(image.GetOrigin()) + (index * np.array(image.GetSpacing())) @ direction.T
+
+
+@pytest.fixture(scope="module")
+def thorax_real():
+    return generate_phantom(5, first_level="T2", last_level="T10", spacing_mm=(1.5, 1.5, 1.5), field_of_view="spine",
+                            anatomy="real", screws=False, fracture_level="none", streaks_hu=0.0, **CLEAN)
+
+
+def test_bone_shapes_sit_in_the_vertebra_frame():
+    from SpineContextSegLib.bone_shapes import load_bone_shapes
+
+    shapes = load_bone_shapes()
+    assert set(map(str, range(8, 25))) <= set(shapes) and "scapula" in shapes
+    for key in map(str, range(8, 25)):
+        template = shapes[key]
+        width, depth, height = template.body_mm
+        one = np.ones(3)
+        distance = lambda u, v, w: float(template.distance_mm(np.array([u]), np.array([v]), np.array([w]), one)[0])  # noqa: E731
+        assert 25 < width < 50 and 15 < depth < 40 and 12 < height < 35, key
+        assert distance(0, 0, 0) < -3, key  # the body's centre is deep in bone
+        assert distance(0, -0.5 * depth - 3, 0) > 0, key  # air in front of the body
+        assert distance(0, 0.5 * depth + 6, 0) > 0, key  # the spinal canal behind it
+        posterior = [distance(0, v, w) for v in np.arange(0.5 * depth + 20, 0.5 * depth + 45, 1.0) for w in np.arange(-40, 10, 1.0)]
+        assert min(posterior) < 0, key  # the spinous process
+        assert distance(0.5 * width + 25, 0.5 * depth + 15, 0) > -20, key  # clipped map: sane far away
+
+
+def test_real_shapes_label_each_level_once_and_exactly(thorax_real):
+    ct, labels, mask, tissue = arrays(thorax_real)
+    assert thorax_real.params["anatomy"] == "real"
+    assert thorax_real.params["levels_present"] == list(range(9, 18))
+    for level in range(9, 18):
+        vertebra = labels == level
+        _, pieces = ndimage.label(vertebra, structure=np.ones((3, 3, 3)))
+        assert pieces == 1, level
+        assert np.all(tissue[vertebra] == TISSUE_CODES["vertebra"]), level
+        assert 5 < vertebra.sum() * 1.5 ** 3 / 1000 < 60, level  # ml: a thoracic vertebra
+    assert np.array_equal(mask > 0, labels > 0)  # no sacrum drawn: the mask is every label
+
+
+def test_rib_heads_meet_their_vertebra_at_the_disc_above(thorax_real):
+    """Rib n's head touches the top of vertebra Tn (the costovertebral joint), not its middle."""
+    ct, labels, mask, tissue = arrays(thorax_real)
+    rib = tissue == TISSUE_CODES["rib"]
+    centres = thorax_real.params["vertebra_centres_mm"]
+    axes = thorax_real.params["vertebra_axes"]
+    heights = []
+    for level in range(10, 18):  # T3-T10 (the top drawn level's neighbour above is not drawn)
+        touching = rib & ndimage.binary_dilation(labels == level, iterations=1)
+        assert touching.sum() >= 4, f"no rib meets level {level}"
+        points = voxel_points_mm(thorax_real.ct, touching)
+        local = (points - np.array(centres[str(level)])) @ np.array(axes[str(level)]).T  # (u, v, w) mm
+        assert np.all(np.abs(local[:, 0]) > 5), level  # on both sides, not in the midline
+        assert set(np.sign(np.round(local[:, 0]))) == {-1.0, 1.0}, level
+        heights.append(np.median(local[:, 2]))
+    # the heads sit at the upper end of the body (centre + 30-50 % of its height, ~6-10 mm)
+    assert np.median(heights) > 4.0, heights
+
+
+def test_geometric_ribs_start_at_mid_body_height():
+    """The contrast to the test above: the same seed in the geometric style has no joint at the disc."""
+    phantom = generate_phantom(5, first_level="T2", last_level="T10", spacing_mm=(1.5, 1.5, 1.5), field_of_view="spine",
+                               anatomy="geometric", screws=False, fracture_level="none", streaks_hu=0.0, **CLEAN)
+    ct, labels, mask, tissue = arrays(phantom)
+    assert "scapula" not in set(np.unique(tissue).tolist()) and not np.any(tissue == TISSUE_CODES["scapula"])
+    rib = tissue == TISSUE_CODES["rib"]
+    heights = []
+    for level in range(10, 18):
+        touching = rib & ndimage.binary_dilation(labels == level, iterations=1)
+        if touching.sum() >= 4:
+            points = voxel_points_mm(phantom.ct, touching)
+            local = (points - np.array(phantom.params["vertebra_centres_mm"][str(level)])) @ np.array(phantom.params["vertebra_axes"][str(level)]).T
+            heights.append(np.median(local[:, 2]))
+    assert not heights or np.median(heights) < 4.0
+
+
+def test_scapulae_are_unlabelled_bone_on_the_back_of_the_chest():
+    phantom = generate_phantom(6, first_level="T1", last_level="T8", spacing_mm=(3.0, 3.0, 3.0), field_of_view="torso",
+                               anatomy="real", streaks_hu=0.0, **CLEAN)
+    ct, labels, mask, tissue = arrays(phantom)
+    scapula = tissue == TISSUE_CODES["scapula"]
+    assert scapula.sum() * 27 / 1000 > 40  # ml, both sides
+    assert not np.any(labels[scapula]) and np.median(ct[scapula]) > 300
+    points = voxel_points_mm(phantom.ct, scapula)
+    spine = voxel_points_mm(phantom.ct, labels > 0)
+    left, right = points[points[:, 0] > spine[:, 0].mean()], points[points[:, 0] < spine[:, 0].mean()]
+    assert len(left) > 0.3 * len(points) and len(right) > 0.3 * len(points)
+    assert np.median(np.abs(points[:, 0] - spine[:, 0].mean())) > 60  # lateral to the column
+    assert np.median(points[:, 1]) > np.median(spine[:, 1])  # behind the vertebral bodies (LPS: +y posterior)
+
+
+def test_streaks_touch_only_the_body_and_never_the_labels():
+    kwargs = dict(first_level="C7", last_level="T6", spacing_mm=(3.0, 3.0, 3.0), field_of_view="torso", anatomy="geometric", **CLEAN)
+    plain, streaked = generate_phantom(9, streaks_hu=0.0, **kwargs), generate_phantom(9, streaks_hu=80.0, **kwargs)
+    ct0, labels0, _, tissue0 = arrays(plain)
+    ct1, labels1, _, _ = arrays(streaked)
+    assert np.array_equal(labels0, labels1)
+    changed = np.abs(ct1.astype(float) - ct0) > 5
+    air = tissue0 == TISSUE_CODES["air"]
+    assert changed.sum() > 1000 and not np.any(changed & air)
+    assert np.abs(ct1.astype(float) - ct0).max() > 40
+
+
+def test_unknown_anatomy_style_is_refused():
+    with pytest.raises(ValueError, match="anatomy"):
+        generate_phantom(1, first_level="L1", last_level="L3", spacing_mm=4.0, anatomy="cartoon")

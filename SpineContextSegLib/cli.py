@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -22,13 +23,19 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # ----------------------------------------------------------------------------- segment
 def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", help="CT file (NIfTI/NRRD/MHA), DICOM folder, folder of CT files, or a .txt list of paths")
-    parser.add_argument("-o", "--output", required=True, help="mask file (.nii.gz, .nii, .nrrd, .seg.nrrd), or a folder (batch, --sample)")
+    parser.add_argument(
+        "-o", "--output", required=True,
+        help="mask file (.nii.gz, .nii, .nrrd, .seg.nrrd; .dcm: a DICOM SEG, for a DICOM series input), or a folder (batch, --sample)",
+    )
     parser.add_argument("--sample", action="store_true", help="segment the bundled sample CT (abdomen/pelvis, 3 mm)")
     parser.add_argument("--stl", help="also write the surface as binary STL (LPS, mm); with a folder output: write <case>_spine.stl")
     parser.add_argument("--stl-per-label", action="store_true", help="one STL per label (<stem>_<name>.stl, e.g. spine_L4.stl)")
     parser.add_argument("--task", default="spine", choices=("spine", "vertebrae"), help="vertebrae: one label per vertebra (VerSe ids), named C1..L5, Sacrum")
     parser.add_argument("--qc", help="also write a QC picture (PNG, sagittal + coronal with the mask outline)")
-    parser.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd", ".seg.nrrd"), help="mask format when -o is a folder")
+    parser.add_argument("--roi", help="also write the spine's bounding box (JSON: LPS mm along the image axes, and voxel indices); with a folder output: <case>_roi.json")
+    parser.add_argument("--roi-margin-mm", type=float, default=10.0, help="margin added on every side of the --roi box, mm (default 10)")
+    parser.add_argument("--centreline", help="also write the vertebral bodies' centreline and sagittal/coronal curvature (JSON, LPS mm); with a folder output: <case>_centreline.json")
+    parser.add_argument("--format", default=".nii.gz", choices=(".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".dcm"), help="mask format when -o is a folder (.dcm: DICOM SEG, DICOM cases only)")
     parser.add_argument("--model", help="model folder (model.onnx + model.json); default: the bundled model")
     parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "openvino", "torch"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -50,6 +57,8 @@ def _options_from_args(args: argparse.Namespace):
 
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         _usage(f"--overlap must be in [0, 1), got {args.overlap}")
+    if not (math.isfinite(args.roi_margin_mm) and args.roi_margin_mm >= 0.0):
+        _usage(f"--roi-margin-mm must be a number >= 0 (mm), got {args.roi_margin_mm}")
     return SegmentOptions(
         model_dir=args.model,
         engine=args.engine,
@@ -139,7 +148,10 @@ def _run_segment(args: argparse.Namespace, reporter, stop) -> int:
         if os.path.isdir(output):
             stem = "sample" if args.sample else _case_stem(args.input)
             output = os.path.join(output, f"{stem}_spine{args.format}")
-        result = segment_file(args.input, output, options, stl_path=stl, stl_per_label=args.stl_per_label, qc_path=qc, reporter=reporter, stop=stop)
+        result = segment_file(
+            args.input, output, options, stl_path=stl, stl_per_label=args.stl_per_label, qc_path=qc, reporter=reporter, stop=stop,
+            roi_path=args.roi, roi_margin_mm=args.roi_margin_mm, centreline_path=args.centreline,
+        )
         reporter.emit(result)
         if args.progress != "json":
             print(json.dumps(result["outputs"], indent=2))
@@ -160,8 +172,13 @@ def _run_segment(args: argparse.Namespace, reporter, stop) -> int:
             continue
         stl = os.path.join(args.output, f"{stem}_spine.stl") if args.stl else None
         qc = os.path.join(args.output, f"{stem}_qc.png") if args.qc else None
+        roi = os.path.join(args.output, f"{stem}_roi.json") if args.roi else None
+        centreline = os.path.join(args.output, f"{stem}_centreline.json") if args.centreline else None
         try:
-            result = segment_file(case, output, options, stl_path=stl, stl_per_label=args.stl_per_label, qc_path=qc, reporter=reporter, stop=stop, bundle=bundle, engine=engine)
+            result = segment_file(
+                case, output, options, stl_path=stl, stl_per_label=args.stl_per_label, qc_path=qc, reporter=reporter, stop=stop, bundle=bundle, engine=engine,
+                roi_path=roi, roi_margin_mm=args.roi_margin_mm, centreline_path=centreline,
+            )
             reporter.emit(result)
         except Cancelled:
             raise

@@ -41,13 +41,27 @@ ERROR_CODES: Dict[str, ErrorKind] = {
     "input_not_scalar": ErrorKind(EXIT_INPUT, "The image has several components per voxel (RGB or vector).", "Pass a greyscale CT in Hounsfield units."),
     "input_empty": ErrorKind(EXIT_INPUT, "The image has no voxels, or every voxel has the same value.", "Check the export; the file holds no CT data."),
     "input_nonfinite": ErrorKind(EXIT_INPUT, "The image contains NaN or infinite values.", "Re-export the CT; the file is damaged."),
+    "dicom_seg_source_invalid": ErrorKind(
+        EXIT_INPUT,
+        "The DICOM series lacks what a DICOM SEG must reference (SOP/study/series/frame-of-reference UIDs, slice position and orientation), or its files do not match the volume read.",
+        "Re-export the series from the scanner or PACS, or write the mask as .nii.gz, .nrrd or .seg.nrrd.",
+    ),
     "input_geometry": ErrorKind(EXIT_INPUT, "The image's spacing or direction is invalid (zero or not finite spacing; singular or sheared axes).", "Fix the header (spacing and direction cosines) and try again."),
     "input_too_large": ErrorKind(EXIT_INPUT, "The volume needs more memory than this machine has free.", "Crop the CT to the spine region, or run on a machine with more memory."),
     # output
     "output_dir_missing": ErrorKind(EXIT_OUTPUT, "The output folder does not exist.", "Create the folder or pass another output path."),
     "output_not_writable": ErrorKind(EXIT_OUTPUT, "The output location is read-only or not permitted.", "Choose a folder you can write to."),
     "output_is_input": ErrorKind(EXIT_OUTPUT, "The output path is the input file.", "Pass a different output path; the input is never overwritten."),
-    "output_format": ErrorKind(EXIT_OUTPUT, "The output extension is not one we write.", "Use .nii.gz, .nii, .nrrd or .seg.nrrd (and .stl for meshes)."),
+    "output_format": ErrorKind(
+        EXIT_OUTPUT,
+        "The output extension is not one we write.",
+        "Use .nii.gz, .nii, .nrrd, .seg.nrrd or .dcm (DICOM SEG) for the mask, .stl for meshes, .png for --qc, .json for --roi and --centreline.",
+    ),
+    "dicom_seg_needs_dicom_input": ErrorKind(
+        EXIT_OUTPUT,
+        "A DICOM SEG (-o .dcm) was asked for, but the input is not a DICOM series: a DICOM SEG must reference the CT's DICOM files.",
+        "Pass the folder of the CT's DICOM files as input, or write the mask as .nii.gz, .nrrd or .seg.nrrd.",
+    ),
     "disk_full": ErrorKind(EXIT_OUTPUT, "The disk filled up while writing.", "Free disk space and run again; no partial file was kept."),
     # model
     "model_not_found": ErrorKind(EXIT_MODEL, "The model folder or file is missing.", "Pass --model DIR holding model.onnx and model.json."),
@@ -56,6 +70,11 @@ ERROR_CODES: Dict[str, ErrorKind] = {
     "model_incompatible": ErrorKind(EXIT_MODEL, "The model's inputs or outputs are not what this version expects.", "Use a model exported by this version of SpineContextSeg."),
     # environment
     "engine_missing": ErrorKind(EXIT_ENVIRONMENT, "The inference engine's Python package is not installed.", "pip install onnxruntime (or choose another --engine)."),
+    "dicom_support_missing": ErrorKind(
+        EXIT_ENVIRONMENT,
+        "DICOM SEG output (-o .dcm) needs the optional package highdicom, which is not installed.",
+        'pip install "spinecontextseg[dicom]" (or write the mask as .nii.gz, .nrrd or .seg.nrrd).',
+    ),
     "cuda_unavailable": ErrorKind(EXIT_ENVIRONMENT, "A GPU was requested but no usable CUDA device was found.", "Use --device auto or cpu, or install onnxruntime-gpu and the NVIDIA driver."),
     "out_of_memory": ErrorKind(EXIT_OUT_OF_MEMORY, "The machine ran out of memory.", "Close other programs, lower --batch-size, or crop the CT."),
     # result

@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
+#: A DICOM Segmentation object (needs a DICOM series input and highdicom): :mod:`.dicom_seg`.
+DICOM_SEG_SUFFIX = ".dcm"
 
 #: Relative tolerance on slice-to-slice distance in a DICOM series before we call it uneven.
 DICOM_SPACING_TOLERANCE = 0.01
@@ -93,12 +95,39 @@ def itk_warnings_off() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+#: SOP classes that are not images but that GDCM lists as series: segmentations (a DICOM SEG
+#: written beside the CT), registrations, RT structure sets, structured reports, presentation states.
+NON_IMAGE_SOP_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.")
+
+
 def dicom_series_ids(folder: str) -> List[str]:
-    """SeriesInstanceUIDs of the DICOM image series directly in ``folder`` (empty when none)."""
+    """SeriesInstanceUIDs of the DICOM image series directly in ``folder`` (empty when none).
+
+    Series of non-image objects (:data:`NON_IMAGE_SOP_CLASS_PREFIXES`, e.g. a DICOM SEG this
+    tool wrote into the CT's folder) are left out, so they never make a folder "several series".
+    """
     import SimpleITK as sitk
 
     with itk_warnings_off():
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ())
+        series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ())
+        return [uid for uid in series_ids if not _is_non_image_series(folder, uid)]
+
+
+def _is_non_image_series(folder: str, series_uid: str) -> bool:
+    """Whether the first file of a series has a non-image SOP class (unreadable headers: no, the reader decides)."""
+    import SimpleITK as sitk
+
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid)
+    if not files:
+        return False
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    sop_class = reader.GetMetaData("0008|0016").strip().rstrip("\x00") if reader.HasMetaDataKey("0008|0016") else ""
+    return sop_class.startswith(NON_IMAGE_SOP_CLASS_PREFIXES)
 
 
 def _read_image_file(path: str, name: str) -> "sitk.Image":
@@ -457,20 +486,7 @@ def _read_dicom_series(folder: str, series_uid: Optional[str]) -> Tuple["sitk.Im
     """The series' image and its modality (``0008|0060``, e.g. ``"CT"``; None when absent)."""
     import SimpleITK as sitk
 
-    series_ids = dicom_series_ids(folder)
-    if not series_ids:
-        raise SegmentationError("dicom_no_series", f"No DICOM image series in folder {folder}. Point to the folder holding the CT's .dcm files.")
-    if series_uid is None:
-        if len(series_ids) > 1:
-            raise SegmentationError(
-                "dicom_multiple_series",
-                f"Folder {folder} holds {len(series_ids)} DICOM series ({', '.join(series_ids)}). Choose one with --series UID.",
-                details={"series": series_ids},
-            )
-        series_uid = series_ids[0]
-    elif series_uid not in series_ids:
-        raise SegmentationError("dicom_multiple_series", f"Series {series_uid} is not in {folder}; found: {', '.join(series_ids)}.")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
+    files = dicom_series_files(folder, series_uid)
     first, slice_step_mm = _check_dicom_slice_positions(files)
     check_header(
         f"The DICOM series in {os.path.basename(os.path.normpath(folder))}",
@@ -488,6 +504,31 @@ def _read_dicom_series(folder: str, series_uid: Optional[str]) -> Tuple["sitk.Im
         return reader.Execute(), modality or None
     except RuntimeError:
         raise SegmentationError("input_unreadable", f"Cannot read the DICOM series in {folder}: a file is corrupt.") from None
+
+
+def dicom_series_files(folder: str, series_uid: Optional[str] = None) -> List[str]:
+    """The files of the one DICOM series in ``folder`` (or of ``series_uid``), in ITK's slice order.
+
+    Raises ``dicom_no_series`` when the folder holds none, ``dicom_multiple_series`` when it
+    holds several and ``series_uid`` does not choose one of them.
+    """
+    import SimpleITK as sitk
+
+    series_ids = dicom_series_ids(folder)
+    if not series_ids:
+        raise SegmentationError("dicom_no_series", f"No DICOM image series in folder {folder}. Point to the folder holding the CT's .dcm files.")
+    if series_uid is None:
+        if len(series_ids) > 1:
+            raise SegmentationError(
+                "dicom_multiple_series",
+                f"Folder {folder} holds {len(series_ids)} DICOM series ({', '.join(series_ids)}). Choose one with --series UID.",
+                details={"series": series_ids},
+            )
+        series_uid = series_ids[0]
+    elif series_uid not in series_ids:
+        raise SegmentationError("dicom_multiple_series", f"Series {series_uid} is not in {folder}; found: {', '.join(series_ids)}.")
+    with itk_warnings_off():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
 
 
 def _check_dicom_slice_positions(files: Sequence[str]) -> Tuple["sitk.ImageFileReader", float]:
@@ -611,24 +652,53 @@ def validate_ct(
 
 
 # ----------------------------------------------------------------------------- writing
-def check_labelmap_path(path: str) -> None:
-    """Raise ``output_format`` now, before any computing, when ``path`` is not a label-map format we write."""
+def check_labelmap_path(path: str, *, source: Optional[str] = None, series_uid: Optional[str] = None) -> None:
+    """Raise now, before any computing, when ``path`` is not a label-map format we can write.
+
+    ``.dcm`` (a DICOM Segmentation, :mod:`SpineContextSegLib.dicom_seg`) needs ``source``, the
+    CT's DICOM series folder (``series_uid`` when it holds several), and highdicom: a
+    non-DICOM source raises ``dicom_seg_needs_dicom_input``, a missing highdicom
+    ``dicom_support_missing``. Anything else but :data:`LABELMAP_SUFFIXES` raises ``output_format``.
+    """
     suffix = output_suffix(path).lower()
+    if suffix == DICOM_SEG_SUFFIX:
+        from .dicom_seg import check_dicom_seg_output
+
+        check_dicom_seg_output(path, source, series_uid)
+        return
     if suffix not in LABELMAP_SUFFIXES:
-        raise SegmentationError("output_format", f"Cannot write '{suffix or path}': use one of {', '.join(LABELMAP_SUFFIXES)}.")
+        raise SegmentationError(
+            "output_format",
+            f"Cannot write '{suffix or path}': use one of {', '.join(LABELMAP_SUFFIXES)} (or {DICOM_SEG_SUFFIX}, a DICOM SEG, for a DICOM series input).",
+        )
 
 
-def write_labelmap(mask: "sitk.Image", path: str, labels: Optional[List["LabelInfo"]] = None) -> str:
-    """Write a uint8 label map atomically as NIfTI, NRRD, MHA or Slicer ``.seg.nrrd``.
+def write_labelmap(
+    mask: "sitk.Image",
+    path: str,
+    labels: Optional[List["LabelInfo"]] = None,
+    *,
+    source: Optional[str] = None,
+    series_uid: Optional[str] = None,
+    model: Optional[str] = None,
+) -> str:
+    """Write a uint8 label map atomically as NIfTI, NRRD, MHA, Slicer ``.seg.nrrd`` or DICOM SEG (``.dcm``).
 
     ``.seg.nrrd`` carries segment names, colours and terminology (read by Slicer and ``slicerio``).
+    ``.dcm`` writes a DICOM Segmentation that references the CT's DICOM series ``source``
+    (the folder the mask was computed from; ``series_uid`` when it holds several; ``model``,
+    the model's name and version, is recorded in it), see :func:`SpineContextSegLib.dicom_seg.write_dicom_seg`.
     A write that fails part-way (disk full, file-size limit) raises ``disk_full`` and leaves
     nothing behind; the file is checked after writing (:func:`written_file_is_complete`)
     because ITK's NIfTI and compressed-NRRD writers report a short write only on stderr.
     """
     import SimpleITK as sitk
 
-    check_labelmap_path(path)
+    check_labelmap_path(path, source=source, series_uid=series_uid)
+    if output_suffix(path).lower() == DICOM_SEG_SUFFIX:
+        from .dicom_seg import write_dicom_seg
+
+        return write_dicom_seg(mask, path, labels or [], source, series_uid=series_uid, model=model)
     suffix = output_suffix(path).lower()
     image = sitk.Cast(mask, sitk.sitkUInt8)
     if suffix == ".seg.nrrd":

@@ -244,11 +244,21 @@ def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressR
 
     labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes)
     info["vertebrae"] = vertebra_info
-    if vertebra_info.get("confidence", 0.0) < 0.5:
+    confidence = float(vertebra_info.get("confidence", 0.0))
+    # without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
+    # vertebrae network) the names are a guess from vertebra size and spacing, however likely
+    # that guess scores: warn then, and whenever the chosen names are less likely than not
+    if not vertebra_info.get("anchored", False):
         reporter.warning(
             "vertebra_names_uncertain",
-            f"No anatomical anchor (sacrum, ribs, skull base) confirms the vertebra names (confidence {vertebra_info.get('confidence', 0.0):.2f}): "
-            f"they are a guess from vertebra size. Check them before use.",
+            f"No anatomical anchor (sacrum, last or first rib, skull base) is in view to confirm the vertebra names "
+            f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing. Check them before use.",
+        )
+    elif confidence < 0.5:
+        reporter.warning(
+            "vertebra_names_uncertain",
+            f"The vertebra names are uncertain (confidence {confidence:.2f}; anchored by {vertebra_info.get('method')}): "
+            f"the mask may be in pieces or miss vertebrae. Check them before use; per-vertebra confidence is in the run's info.",
         )
     return labels_image, [vertebra_by_verse_id(v) for v in vertebra_info["labels_present"]]
 
@@ -265,11 +275,17 @@ def segment_file(
     stop: Optional[Callable[[], None]] = None,
     bundle: Optional["ModelBundle"] = None,
     engine: Optional["InferenceEngine"] = None,
+    roi_path: Optional[str] = None,
+    roi_margin_mm: float = 10.0,
+    centreline_path: Optional[str] = None,
 ) -> Dict[str, object]:
-    """Read ``input_path``, segment, write the mask (and STL, QC picture) atomically.
+    """Read ``input_path``, segment, write the mask (and STL, QC picture, ROI and centreline JSON) atomically.
 
     Returns the ``result`` message of the JSON protocol (outputs, labels, timings, info).
     Outputs are checked for writability before any computing; the input is only read.
+    ``output_path`` ending in ``.dcm`` writes a DICOM SEG referencing the DICOM series
+    ``input_path`` (:mod:`.dicom_seg`); ``roi_path``/``centreline_path`` (``.json``): see
+    :mod:`.spine_geometry`.
     """
     from .fileio import check_output_location
     from .imageio import check_labelmap_path, read_image, write_labelmap
@@ -277,12 +293,18 @@ def segment_file(
     options = options or SegmentOptions()
     reporter = reporter or ProgressReporter()
     stop = stop or StopCheck(options.cancel_file)
-    outputs = [p for p in (output_path, stl_path, qc_path) if p]
+    outputs = [p for p in (output_path, stl_path, qc_path, roi_path, centreline_path) if p]
     for path in outputs:
         if os.path.exists(input_path) and os.path.exists(path) and os.path.samefile(path, input_path):
             raise SegmentationError("output_is_input", f"Output {path} is the input file; the input is never overwritten. Choose another name.")
         check_output_location(path)
-    check_labelmap_path(output_path)  # a wrong extension fails now, not after the network ran
+    check_labelmap_path(output_path, source=input_path, series_uid=options.series_uid)  # a wrong extension (or .dcm for a non-DICOM input) fails now
+    if roi_path or centreline_path:
+        from .spine_geometry import check_json_path
+
+        for path, option in ((roi_path, "--roi"), (centreline_path, "--centreline")):
+            if path:
+                check_json_path(path, option)
     if stl_path:
         from .meshing import check_stl_path
 
@@ -300,7 +322,9 @@ def segment_file(
     written_paths: List[str] = []
     try:
         stop()
-        written["mask"] = timer.run("write", write_labelmap, result.mask, output_path, result.labels)
+        written["mask"] = timer.run(
+            "write", write_labelmap, result.mask, output_path, result.labels, source=input_path, series_uid=options.series_uid, model=str(result.info.get("model", ""))
+        )
         written_paths.append(str(written["mask"]))
         if stl_path:
             from .meshing import mesh_labelmap_to_stl
@@ -316,6 +340,18 @@ def segment_file(
             title = f"{os.path.basename(input_path)} - {bundle.card.name}" + ("" if bundle.card.trained else " (RANDOM WEIGHTS)")
             written["qc"] = timer.run("qc", write_qc_png, image, result.mask, qc_path, title=title)
             written_paths.append(str(written["qc"]))
+        if roi_path:
+            from .spine_geometry import write_roi_json
+
+            stop()
+            written["roi"] = timer.run("geometry", write_roi_json, result.mask, roi_path, margin_mm=roi_margin_mm, labels=result.labels)
+            written_paths.append(str(written["roi"]))
+        if centreline_path:
+            from .spine_geometry import write_centreline_json
+
+            stop()
+            written["centreline"] = timer.run("geometry", write_centreline_json, result.mask, centreline_path, labels=result.labels)
+            written_paths.append(str(written["centreline"]))
     except BaseException:
         # a run that fails or is cancelled after the first write leaves no outputs
         for path in written_paths:

@@ -936,6 +936,41 @@ def generate_phantom(seed: int, options: Optional[PhantomOptions] = None, **over
         For an unknown option or level.
     """
     import SimpleITK as sitk
+
+    arrays = generate_phantom_arrays(seed, options, **overrides)
+
+    def image(array):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing([float(x) for x in arrays.spacing_mm])
+        img.SetOrigin([float(x) for x in arrays.origin_mm])
+        img.SetDirection([float(x) for x in arrays.direction.reshape(-1)])
+        return img
+
+    return Phantom(ct=image(arrays.ct), vertebra_labels=image(arrays.vertebra_labels), spine_mask=image(arrays.spine_mask),
+                   levels=list(arrays.levels), params=arrays.params, tissue=image(arrays.tissue))
+
+
+@dataclass
+class PhantomArrays:
+    """:func:`generate_phantom_arrays`' result: the phantom as numpy arrays (k, j, i) and its grid."""
+
+    ct: np.ndarray  # int16 HU
+    vertebra_labels: np.ndarray  # uint8 VerSe ids
+    spine_mask: np.ndarray  # uint8 0/1
+    tissue: np.ndarray  # uint8 TISSUE_CODES
+    spacing_mm: np.ndarray  # (3,) along i, j, k
+    origin_mm: np.ndarray  # (3,) LPS of voxel (0, 0, 0)
+    direction: np.ndarray  # (3, 3), column j = index axis j
+    levels: List[int]
+    params: Dict[str, Any]
+
+
+def generate_phantom_arrays(seed: int, options: Optional[PhantomOptions] = None, **overrides: Any) -> PhantomArrays:
+    """:func:`generate_phantom` without SimpleITK: the same phantom as numpy arrays and its grid.
+
+    For machines that train without SimpleITK (a GPU image; ``scripts/device_train.sh``); with
+    the default identity direction the arrays already lie on the canonical training grid.
+    """
     from scipy import ndimage
 
     known = {f.name for f in dataclasses.fields(PhantomOptions)}
@@ -989,21 +1024,14 @@ def generate_phantom(seed: int, options: Optional[PhantomOptions] = None, **over
     present = set(int(x) for x in np.unique(labels)) - {0}
     p["levels_present"] = [v for v in p["levels"] if v in present]
 
-    def image(array):
-        img = sitk.GetImageFromArray(array)
-        img.SetSpacing([float(x) for x in spacing])
-        img.SetOrigin([float(x) for x in origin])
-        img.SetDirection([float(x) for x in direction.reshape(-1)])
-        return img
-
     mask = spine_mask_from_vertebra_labels(labels).astype(np.uint8)
     p["seed"] = int(seed)
     p["spacing_mm"] = [float(x) for x in spacing]
     p["direction"] = [float(x) for x in direction.reshape(-1)]
     p["size"] = [int(x) for x in size]
     p["origin_mm"] = [float(x) for x in origin]
-    return Phantom(ct=image(ct), vertebra_labels=image(labels), spine_mask=image(mask),
-                   levels=list(p["levels"]), params=_jsonable(p), tissue=image(grid.tissue))
+    return PhantomArrays(ct=ct, vertebra_labels=labels, spine_mask=mask, tissue=grid.tissue, spacing_mm=spacing, origin_mm=origin,
+                         direction=direction, levels=list(p["levels"]), params=_jsonable(p))
 
 
 class _Profile:

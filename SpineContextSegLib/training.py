@@ -104,8 +104,7 @@ def make_training_volume(name: str, patient_id: str, ct, labels, config: TrainCo
     """
     import SimpleITK as sitk
 
-    from .labels import verse_ids_to_classes, vertebra_class_ids
-    from .preprocessing import canonical_reference, hu_to_unit_interval, resample_to_reference
+    from .preprocessing import canonical_reference, resample_to_reference
 
     reference = canonical_reference(ct, [config.spacing_mm] * 3)
     hu = sitk.GetArrayFromImage(resample_to_reference(ct, reference, method="linear", default_value=-1024, pixel_type=sitk.sitkFloat32))
@@ -114,6 +113,19 @@ def make_training_volume(name: str, patient_id: str, ct, labels, config: TrainCo
         weight = sitk.Image(ct.GetSize(), sitk.sitkUInt8) + 1
         weight.CopyInformation(ct)
     inside = sitk.GetArrayFromImage(resample_to_reference(weight, reference, method="nearest", pixel_type=sitk.sitkUInt8)) > 0
+    return training_volume_from_arrays(name, patient_id, hu, values, inside, config, source=source)
+
+
+def training_volume_from_arrays(name: str, patient_id: str, hu: np.ndarray, values: np.ndarray, inside: np.ndarray, config: TrainConfig, *, source: str = "real") -> TrainingVolume:
+    """A :class:`TrainingVolume` from arrays already on the canonical grid (z, y, x).
+
+    ``hu``: float HU; ``values``: spine mask (spine task) or VerSe ids (vertebrae task);
+    ``inside``: bool, the voxels the scan covers (only those are supervised).
+    """
+    from .labels import verse_ids_to_classes, vertebra_class_ids
+    from .preprocessing import hu_to_unit_interval
+
+    inside = np.array(inside, dtype=bool)
     if config.task == "vertebrae":
         label = verse_ids_to_classes(values, vertebra_class_ids())
         unsupervise_below_unlabelled_sacrum(values, inside)
@@ -160,6 +172,10 @@ def load_case_volumes(config: TrainConfig) -> List[Tuple[object, TrainingVolume]
 
     loaded = []
     for root in config.data:
+        if os.path.isdir(root) and any(f.endswith(SAVED_VOLUME_SUFFIX) for f in os.listdir(root)):
+            loaded += [(case, volume) for case, volume in load_saved_volumes(root, config)
+                       if not any(pattern in case.case_id for pattern in config.exclude)]
+            continue
         for case in find_cases(root, layout=config.layout):
             if any(pattern in case.case_id or pattern in case.image_path for pattern in config.exclude):
                 continue
@@ -178,11 +194,68 @@ def load_case_volumes(config: TrainConfig) -> List[Tuple[object, TrainingVolume]
 
 
 def phantom_volume(seed: int, config: TrainConfig) -> TrainingVolume:
-    from .phantom import generate_phantom
+    """A phantom drawn directly on the canonical training grid (identity direction, ``spacing_mm``).
 
-    phantom = generate_phantom(seed, spacing_mm=(config.spacing_mm,) * 3)
-    labels = phantom.vertebra_labels if config.task == "vertebrae" else phantom.spine_mask
-    return make_training_volume(f"phantom-{seed}", f"phantom-{seed}", phantom.ct, labels, config, source="phantom")
+    No resampling and no SimpleITK: that grid is the one :func:`make_training_volume` would
+    resample onto, and a GPU machine without SimpleITK can still train on phantoms.
+    """
+    from .phantom import generate_phantom_arrays
+
+    phantom = generate_phantom_arrays(seed, spacing_mm=(config.spacing_mm,) * 3)
+    values = phantom.vertebra_labels if config.task == "vertebrae" else phantom.spine_mask
+    hu = phantom.ct.astype(np.float32)
+    return training_volume_from_arrays(f"phantom-{seed}", f"phantom-{seed}", hu, values, np.ones(hu.shape, dtype=bool), config, source="phantom")
+
+
+# ---------------------------------------------------------------------------- saved volumes
+#: Suffix of a training volume saved by ``train --save-volumes`` (read back by ``--data FOLDER``).
+SAVED_VOLUME_SUFFIX = ".volume.npz"
+
+
+@dataclasses.dataclass
+class SavedCase:
+    """Stands for the case a saved volume came from (what the train/validation split needs)."""
+
+    case_id: str
+    patient_id: str
+    image_path: str
+
+
+def save_training_volume(volume: TrainingVolume, folder: str, config: TrainConfig) -> str:
+    """Write ``volume`` to ``folder/<name>.volume.npz`` atomically (image as float16, grid and task recorded)."""
+    from .fileio import atomic_output
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, volume.name.replace(os.sep, "_") + SAVED_VOLUME_SUFFIX)
+    with atomic_output(path) as temp_path:
+        with open(temp_path, "wb") as f:
+            np.savez_compressed(
+                f, image=volume.image.astype(np.float16), label=volume.label, weight=volume.weight,
+                name=volume.name, patient_id=volume.patient_id, source=volume.source,
+                task=config.task, spacing_mm=config.spacing_mm, hu_window=np.array(config.hu_window),
+            )
+    return path
+
+
+def load_saved_volumes(folder: str, config: TrainConfig) -> List[Tuple[SavedCase, TrainingVolume]]:
+    """The ``*.volume.npz`` of ``folder`` (written by :func:`save_training_volume`), checked against ``config``."""
+    loaded = []
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(SAVED_VOLUME_SUFFIX)):
+        path = os.path.join(folder, file)
+        with np.load(path) as data:
+            grid = (str(data["task"]), float(data["spacing_mm"]), tuple(float(x) for x in data["hu_window"]))
+            if grid != (config.task, config.spacing_mm, tuple(config.hu_window)):
+                raise SegmentationError(
+                    "model_incompatible",
+                    f"{path} was saved for task/spacing/HU window {grid}, this run uses {(config.task, config.spacing_mm, tuple(config.hu_window))}: "
+                    f"save the volumes again with the same --task and --spacing.",
+                )
+            label = data["label"]
+            weight = data["weight"]
+            volume = TrainingVolume(str(data["name"]), str(data["patient_id"]), data["image"].astype(np.float32), label, weight,
+                                    np.argwhere((label > 0) & (weight > 0)).astype(np.int32), str(data["source"]))
+        loaded.append((SavedCase(volume.name, volume.patient_id, path), volume))
+    return loaded
 
 
 def extract_region(volume: TrainingVolume, centre: Sequence[int], size: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -667,6 +740,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", help="checkpoint (last.pt) to continue from")
     parser.add_argument("--init-weights", help="start from these weights (fine-tuning)")
     parser.add_argument("--export", dest="export_dir", help="export the best checkpoint to this model folder at the end")
+    parser.add_argument("--save-volumes", metavar="DIR", help="only resample the --data cases onto the training grid and save them to DIR "
+                        "(*.volume.npz; --data DIR reads them back without SimpleITK, e.g. on a GPU machine)")
 
 
 def _parse_case_weights(items: Sequence[str]) -> Dict[str, float]:
@@ -725,6 +800,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "save_volumes", None):
+        config = config_from_args(args)
+        cases = load_case_volumes(config)
+        if not cases:
+            raise SegmentationError("input_not_found", "--save-volumes: no labelled case found under --data.")
+        for _, volume in cases:
+            print(f"saved {save_training_volume(volume, args.save_volumes, config)}", flush=True)
+        return 0
     trainer = Trainer(config_from_args(args))
     trainer.load_data()
     best = trainer.fit()

@@ -245,3 +245,57 @@ def test_case_weights_set_how_often_real_cases_are_drawn(data_root, monkeypatch)
         _parse_case_weights(["patient1=-2"])
     with pytest.raises(UsageError):
         _parse_case_weights(["=2"])
+
+
+def test_phantom_volume_on_the_canonical_grid_equals_the_resampled_phantom():
+    """The SimpleITK-free phantom path gives the volume the resampling path would give."""
+    from SpineContextSegLib.phantom import generate_phantom
+    from SpineContextSegLib.training import TrainConfig, make_training_volume, phantom_volume
+
+    config = TrainConfig(spacing_mm=4.0)
+    direct = phantom_volume(3, config)
+    phantom = generate_phantom(3, spacing_mm=(4.0,) * 3)
+    resampled = make_training_volume("phantom-3", "phantom-3", phantom.ct, phantom.spine_mask, config, source="phantom")
+    assert direct.image.shape == resampled.image.shape
+    assert np.allclose(direct.image, resampled.image, atol=1e-5)
+    assert np.array_equal(direct.label, resampled.label) and np.array_equal(direct.weight, resampled.weight)
+    assert direct.label.sum() > 100
+
+
+def test_saved_volumes_train_without_simpleitk(data_root, tmp_path):
+    """--save-volumes here, then training from that folder in a Python where SimpleITK cannot be imported (a GPU image)."""
+    volumes = tmp_path / "volumes"
+    completed = subprocess.run([sys.executable, "-m", "SpineContextSegLib.cli", "train", "--data", data_root, "--save-volumes", str(volumes), *TINY],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    saved = sorted(os.listdir(volumes))
+    assert saved == [f"patient{i}.volume.npz" for i in range(3)]
+    blocker = tmp_path / "no_sitk"
+    blocker.mkdir()
+    (blocker / "SimpleITK.py").write_text("raise ImportError('SimpleITK is not installed on this machine')\n")
+    env = dict(ENV, PYTHONPATH=str(blocker) + os.pathsep + ENV["PYTHONPATH"])
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "SpineContextSegLib.cli", "train", "--data", str(volumes), "-o", str(out), *TINY,
+               "--phantoms", "1", "--phantom-fraction", "0.5", "--epochs", "1"]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "SimpleITK" not in completed.stderr
+    records = history(out)
+    assert records[-1]["iterations"] == 2 and np.isfinite(records[-1]["train_loss"])
+    # the same volumes under another grid are refused, not silently mixed
+    completed = subprocess.run([sys.executable, "-m", "SpineContextSegLib.cli", "train", "--data", str(volumes), "-o", str(tmp_path / "r2"),
+                                *TINY[:12], "--spacing", "2", "--bf16", "off", "--validation-fraction", "0", "--phantoms", "0", "--epochs", "1"],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=240)
+    assert completed.returncode != 0 and "save the volumes again" in completed.stderr
+
+
+def test_a_time_budget_stop_resumes_with_a_larger_budget(data_root, tmp_path):
+    """Long CPU runs stop at --max-minutes and go on in the next session from last.pt."""
+    out = tmp_path / "run"
+    train(data_root, out, "--epochs", "50", "--max-minutes", "0.0001")
+    assert [r["epoch"] for r in history(out)] == [1]  # stopped after the first epoch
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["elapsed_s"] > 0 and "optimizer" in state
+    train(data_root, out, "--epochs", "3", "--max-minutes", "100", "--resume", str(out / "last.pt"))
+    records = history(out)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["iterations"] == 6

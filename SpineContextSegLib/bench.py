@@ -43,6 +43,9 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "onnxruntime-fp32": {"engine": "onnxruntime", "precision": "fp32"},
     "openvino-fp32": {"engine": "openvino", "precision": "fp32"},
     "openvino-bf16": {"engine": "openvino", "precision": "bf16"},
+    # the model folder's model_int8.onnx (`spinecontextseg quantize`)
+    "openvino-int8": {"engine": "openvino", "precision": "int8"},
+    "onnxruntime-int8": {"engine": "onnxruntime", "precision": "int8"},
     "torch-fp32": {"engine": "torch", "precision": "fp32"},
     "default-overlap0.5": {"overlap": 0.5},
 }

@@ -9,6 +9,11 @@ torch          optional; needs ``model.pt`` and PyTorch; CUDA with fp16 when pre
 
 ``engine="auto"`` picks OpenVINO when it is installed and the device is the CPU, else
 ONNX Runtime. ``device``: ``auto`` (GPU when usable), ``cpu``, ``cuda``.
+
+``precision``: ``fp32``; ``bf16`` (OpenVINO, torch); ``fp16`` (torch on CUDA); ``int8``: the
+model folder's ``model_int8.onnx`` (``spinecontextseg quantize``) on ONNX Runtime or OpenVINO;
+``auto``: see :func:`resolve_precision` (OpenVINO only: ``auto`` never picks int8 for ONNX
+Runtime, whose int8 3D convolutions are not faster than its fp32 ones on AVX2 CPUs).
 """
 from __future__ import annotations
 
@@ -36,11 +41,27 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> ``bf16`` on CPUs that support it natively, else ``fp32``."""
+def resolve_precision(precision: str, device: str, bundle: "Optional[ModelBundle]" = None) -> str:
+    """The precision ``auto`` stands for on ``device``; any other ``precision`` is returned as is.
+
+    On the CPU: ``bf16`` where the CPU computes it natively; else ``int8`` when ``bundle``'s
+    folder holds the INT8 model and its card records int8-vs-fp32 mask agreement of at least
+    :data:`~.model_files.INT8_MIN_AGREEMENT_DICE` Dice on every case; else ``fp32``.
+    Elsewhere (CUDA) ``fp32``.
+    """
     if precision != "auto":
         return precision
-    return "bf16" if device == "cpu" and cpu_supports_bf16() else "fp32"
+    if device != "cpu":
+        return "fp32"
+    if cpu_supports_bf16():
+        return "bf16"
+    if bundle is not None:
+        from .model_files import int8_agreement_holds, int8_model_available
+
+        # a folder copied without its int8 file (or with an unproven one) runs fp32, silently
+        if int8_model_available(bundle) and int8_agreement_holds(bundle.card):
+            return "int8"
+    return "fp32"
 
 
 def default_threads() -> int:
@@ -69,7 +90,8 @@ class InferenceEngine:
 class OnnxRuntimeEngine(InferenceEngine):
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str, *, device: str = "auto", threads: Optional[int] = None):
+    def __init__(self, onnx_path: str, *, device: str = "auto", threads: Optional[int] = None, precision: str = "fp32"):
+        """``precision`` only labels the run (``int8`` when ``onnx_path`` is the INT8 model); the file decides."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -93,9 +115,10 @@ class OnnxRuntimeEngine(InferenceEngine):
         check_model_io(self.session.get_inputs()[0].shape, onnx_path)
         self.input_name = self.session.get_inputs()[0].name
         self.onnx_path, self.threads = onnx_path, threads
+        self.precision = "int8" if precision == "int8" else "fp32"  # ONNX Runtime computes fp32 graphs in fp32
 
     def cpu_fallback(self) -> "Optional[InferenceEngine]":
-        return OnnxRuntimeEngine(self.onnx_path, device="cpu", threads=self.threads) if self.device == "cuda" else None
+        return OnnxRuntimeEngine(self.onnx_path, device="cpu", threads=self.threads, precision=self.precision) if self.device == "cuda" else None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
@@ -116,6 +139,7 @@ class OpenVinoEngine(InferenceEngine):
             raise SegmentationError("model_incompatible", f"OpenVINO could not read {onnx_path}: {_short_message(error)}") from None
         check_model_io([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()], onnx_path)
         self.precision = precision
+        # int8: the Q/DQ pairs of the INT8 file run in int8; the rest (head, sigmoid) stays f32
         self.config = {"INFERENCE_NUM_THREADS": int(threads or default_threads()), "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         self._compiled = {}
 
@@ -230,23 +254,49 @@ def onnxruntime_has_cuda() -> bool:
 def create_engine(
     bundle: "ModelBundle", *, engine: str = "auto", device: str = "auto", threads: Optional[int] = None, precision: str = "fp32"
 ) -> InferenceEngine:
-    """Build the engine for a verified model folder (see module docstring for the choices)."""
+    """Build the engine for a verified model folder (see module docstring for the choices).
+
+    ``precision="int8"`` (asked for, or what ``auto`` resolved to) runs the folder's
+    checksum-verified ``model_int8.onnx`` instead of ``model.onnx``.
+    """
     if engine not in ENGINES:
         raise SegmentationError("engine_missing", f"Unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
     if device not in DEVICES:
         raise SegmentationError("cuda_unavailable", f"Unknown device {device!r}; choose auto, cpu or cuda.")
     if engine == "torch":
+        if precision == "int8":
+            raise SegmentationError("int8_model_missing", "The torch engine has no INT8 model; use --engine openvino or onnxruntime with --precision int8.")
         return TorchEngine(bundle, device=device, threads=threads, precision=precision if precision != "auto" else "fp32")
     if engine == "openvino":
         if device == "cuda":
             raise SegmentationError("cuda_unavailable", "The OpenVINO engine runs on the CPU; use --engine onnxruntime or torch for CUDA.")
-        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=resolve_precision(precision, "cpu"))
+        return _openvino(bundle, threads, resolve_precision(precision, "cpu", bundle))
     if engine == "auto":
         if device == "cuda" or (device == "auto" and onnxruntime_has_cuda()):
-            return OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)
+            return _onnxruntime(bundle, device, threads, precision)
         try:
             import openvino  # noqa: F401
         except ImportError:
-            return OnnxRuntimeEngine(bundle.onnx_path, device="cpu", threads=threads)
-        return OpenVinoEngine(bundle.onnx_path, threads=threads, precision=resolve_precision(precision, "cpu"))
-    return OnnxRuntimeEngine(bundle.onnx_path, device=device, threads=threads)
+            return _onnxruntime(bundle, "cpu", threads, precision)
+        return _openvino(bundle, threads, resolve_precision(precision, "cpu", bundle))
+    return _onnxruntime(bundle, device, threads, precision)
+
+
+def _model_path(bundle: "ModelBundle", precision: str) -> str:
+    """``model_int8.onnx`` (verified against the card) for ``int8``, else ``model.onnx``."""
+    if precision != "int8":
+        return bundle.onnx_path
+    from .model_files import verified_int8_path
+
+    return verified_int8_path(bundle)
+
+
+def _openvino(bundle: "ModelBundle", threads: Optional[int], precision: str) -> OpenVinoEngine:
+    return OpenVinoEngine(_model_path(bundle, precision), threads=threads, precision=precision)
+
+
+def _onnxruntime(bundle: "ModelBundle", device: str, threads: Optional[int], precision: str) -> OnnxRuntimeEngine:
+    # auto never means int8 here (no bundle passed): ONNX Runtime's int8 3D convolutions were
+    # no faster than its fp32 ones on an AVX2 CPU; --precision int8 still runs the INT8 file
+    resolved = resolve_precision(precision, "cpu" if device == "cpu" else "cuda")
+    return OnnxRuntimeEngine(_model_path(bundle, resolved), device=device, threads=threads, precision=resolved)

@@ -68,6 +68,11 @@ ERROR_CODES: Dict[str, ErrorKind] = {
     "model_checksum": ErrorKind(EXIT_MODEL, "model.onnx does not match the sha256 in model.json.", "Re-copy the model; the file is corrupt or was replaced."),
     "model_metadata": ErrorKind(EXIT_MODEL, "model.json is missing, unreadable or lacks required fields.", "Re-export the model with `spinecontextseg export-onnx`."),
     "model_incompatible": ErrorKind(EXIT_MODEL, "The model's inputs or outputs are not what this version expects.", "Use a model exported by this version of SpineContextSeg."),
+    "int8_model_missing": ErrorKind(
+        EXIT_MODEL,
+        "--precision int8 was asked for, but the model folder has no INT8 model (model_int8.onnx listed in model.json), or the engine cannot run it (torch).",
+        "Create one with `spinecontextseg quantize MODEL_DIR -o DIR`, use --engine openvino or onnxruntime, or use --precision fp32/auto.",
+    ),
     # environment
     "engine_missing": ErrorKind(EXIT_ENVIRONMENT, "The inference engine's Python package is not installed.", "pip install onnxruntime (or choose another --engine)."),
     "dicom_support_missing": ErrorKind(

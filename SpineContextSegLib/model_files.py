@@ -1,4 +1,5 @@
-"""Model folders: ``model.onnx`` + ``model.json`` (+ ``model.pt`` for the torch engine and fine-tuning).
+"""Model folders: ``model.onnx`` + ``model.json`` (+ ``model.pt`` for the torch engine and fine-tuning,
++ ``model_int8.onnx`` for ``--precision int8``).
 
 ``model.json`` is the model card the pipeline runs from:
 
@@ -15,6 +16,9 @@ threshold         probability threshold for the binary task
 onnx_sha256       checksum of model.onnx; loading refuses a mismatch
 trained           false for randomly initialised weights (tests, placeholders)
 training_data     what it was trained on; ``scores`` what it measured
+int8              optional INT8 model (``spinecontextseg quantize``): ``file``, ``sha256``,
+                  ``method``, ``calibration``, ``agreement`` = {case: Dice of its int8 mask
+                  vs its fp32 mask}; empty when there is none
 ================  ===============================================================
 """
 from __future__ import annotations
@@ -31,6 +35,9 @@ from .fileio import atomic_output
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model.json"
 TORCH_FILE = "model.pt"
+INT8_FILE = "model_int8.onnx"
+#: ``--precision auto`` uses the INT8 model only if every case in ``card.int8["agreement"]`` reaches this Dice.
+INT8_MIN_AGREEMENT_DICE = 0.99
 ONNX_OPSET = 17
 
 #: The model that ships with the package.
@@ -56,6 +63,7 @@ class ModelCard:
     training: Dict[str, Any] = dataclasses.field(default_factory=dict)
     scores: Dict[str, Any] = dataclasses.field(default_factory=dict)
     notes: str = ""
+    int8: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def out_channels(self) -> int:
@@ -91,6 +99,51 @@ class ModelBundle:
     @property
     def torch_path(self) -> str:
         return os.path.join(self.directory, TORCH_FILE)
+
+    @property
+    def int8_path(self) -> Optional[str]:
+        """The INT8 model the card lists (it may be absent on disk), or None when the card lists none."""
+        if not self.card.int8.get("file"):
+            return None
+        return os.path.join(self.directory, os.path.basename(str(self.card.int8["file"])))
+
+
+def int8_agreement_holds(card: ModelCard, min_dice: float = INT8_MIN_AGREEMENT_DICE) -> bool:
+    """True when the card records INT8 agreement on at least one case and every case reaches ``min_dice``."""
+    agreement = card.int8.get("agreement") or {}
+    try:
+        return bool(agreement) and all(float(value) >= min_dice for value in agreement.values())
+    except (TypeError, ValueError):  # a hand-edited card: never trust what cannot be read
+        return False
+
+
+def int8_model_available(bundle: ModelBundle) -> bool:
+    """True when the card lists an INT8 model with a checksum and the file is there (not hashed: see :func:`verified_int8_path`)."""
+    path = bundle.int8_path
+    return path is not None and bool(bundle.card.int8.get("sha256")) and os.path.isfile(path)
+
+
+def verified_int8_path(bundle: ModelBundle) -> str:
+    """The INT8 model's path after checking it against the card's sha256.
+
+    Raises ``int8_model_missing`` when the card lists none or the file is absent, and
+    ``model_checksum`` when the file does not match the card.
+    """
+    path = bundle.int8_path
+    if path is None or not bundle.card.int8.get("sha256"):
+        raise SegmentationError(
+            "int8_model_missing",
+            f"{bundle.directory} has no INT8 model (model.json lists none). Create one with `spinecontextseg quantize {bundle.directory} -o DIR`, or use --precision fp32.",
+        )
+    if not os.path.isfile(path):
+        raise SegmentationError("int8_model_missing", f"{path} is listed in model.json but missing. Re-copy the model folder, or use --precision fp32.")
+    actual = sha256_of_file(path)
+    if actual != bundle.card.int8["sha256"]:
+        raise SegmentationError(
+            "model_checksum",
+            f"{path} does not match its model card (sha256 {actual[:12]}… != {str(bundle.card.int8['sha256'])[:12]}…): the file is corrupt or was replaced. Re-copy the model folder.",
+        )
+    return path
 
 
 def sha256_of_file(path: str) -> str:
@@ -174,6 +227,7 @@ def export_model(network, card: ModelCard, directory: str, *, example_shape: Opt
     with atomic_output(os.path.join(directory, TORCH_FILE)) as temp_path:
         torch.save({"state_dict": network.state_dict(), "architecture": card.architecture, "architecture_kwargs": card.architecture_kwargs}, temp_path)
     card.onnx_sha256 = sha256_of_file(onnx_path)
+    card.int8 = {}  # an INT8 model quantised from other weights does not describe these
     write_card(card, directory)
     return ModelBundle(directory=os.path.abspath(directory), card=card)
 

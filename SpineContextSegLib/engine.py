@@ -17,6 +17,7 @@ Runtime, whose int8 3D convolutions are not faster than its fp32 ones on AVX2 CP
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Optional
 
@@ -143,15 +144,19 @@ class OpenVinoEngine(InferenceEngine):
         self.config = {"INFERENCE_NUM_THREADS": int(threads or default_threads()), "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         self._compiled = {}
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        # compile once per tile shape: every tile of a run has the same shape
-        compiled = self._compiled.get(batch.shape)
+    def compiled_for(self, batch_shape) -> object:
+        """The model compiled for inputs of ``batch_shape`` ``(N, 1, D, H, W)``; once per shape (every tile of a run has the same)."""
+        batch_shape = tuple(int(n) for n in batch_shape)
+        compiled = self._compiled.get(batch_shape)
         if compiled is None:
             model = self.model.clone()
-            model.reshape({model.inputs[0].get_any_name(): list(batch.shape)})
+            model.reshape({model.inputs[0].get_any_name(): list(batch_shape)})
             compiled = self.core.compile_model(model, "CPU", self.config)
-            self._compiled[batch.shape] = compiled
-        return compiled(np.ascontiguousarray(batch, dtype=np.float32))[0]
+            self._compiled[batch_shape] = compiled
+        return compiled
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.compiled_for(batch.shape)(np.ascontiguousarray(batch, dtype=np.float32))[0]
 
 
 class TorchEngine(InferenceEngine):
@@ -278,8 +283,30 @@ def create_engine(
             import openvino  # noqa: F401
         except ImportError:
             return _onnxruntime(bundle, "cpu", threads, precision)
-        return _openvino(bundle, threads, resolve_precision(precision, "cpu", bundle))
+        return _openvino_or_onnxruntime(bundle, threads, precision)
     return _onnxruntime(bundle, device, threads, precision)
+
+
+def _openvino_or_onnxruntime(bundle: "ModelBundle", threads: Optional[int], precision: str) -> InferenceEngine:
+    """OpenVINO, compiled for the model's tile before any work; ONNX Runtime if OpenVINO cannot run here.
+
+    OpenVINO is installed by default, also on CPUs and systems it may not support: with
+    ``engine="auto"`` a failure to read or compile the model must cost speed, not the run.
+    A bad model file still fails (ONNX Runtime refuses it too, with a clear error).
+    """
+    resolved = resolve_precision(precision, "cpu", bundle)
+    try:
+        engine = _openvino(bundle, threads, resolved)
+        engine.compiled_for((1, 1, *bundle.card.patch_size))  # where OpenVINO fails; kept for the run's tiles
+        return engine
+    except SegmentationError as error:
+        if error.code in ("model_checksum", "int8_model_missing"):
+            raise
+        reason = error.message
+    except Exception as error:  # OpenVINO raises RuntimeError with a multi-line dump
+        reason = _short_message(error)
+    logging.getLogger(__name__).warning("OpenVINO cannot run the model here (%s); using ONNX Runtime.", reason)
+    return _onnxruntime(bundle, "cpu", threads, precision)
 
 
 def _model_path(bundle: "ModelBundle", precision: str) -> str:

@@ -38,6 +38,28 @@ def test_openvino_reads_the_same_onnx_file(tmp_path):
     assert np.abs(create_engine(bundle, engine="openvino", device="cpu").predict(x) - reference).max() < 1e-4
 
 
+def test_auto_engine_falls_back_to_onnxruntime_where_openvino_cannot_compile(tiny_model_dir, monkeypatch, caplog):
+    """OpenVINO is a default dependency, also where it may not run: auto costs speed there, not the run."""
+    pytest.importorskip("openvino")
+    from SpineContextSegLib import engine as engine_module
+
+    bundle = load_model(tiny_model_dir)
+    assert create_engine(bundle, engine="auto", device="cpu").name == "openvino"
+
+    def refuse(self, batch_shape):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nunsupported CPU\n")
+
+    monkeypatch.setattr(engine_module.OpenVinoEngine, "compiled_for", refuse)
+    with caplog.at_level("WARNING"):
+        engine = create_engine(bundle, engine="auto", device="cpu")
+    assert engine.name == "onnxruntime"
+    assert "OpenVINO cannot run the model here" in caplog.text and "unsupported CPU" in caplog.text
+    x = np.random.default_rng(0).random((1, 1, *bundle.card.patch_size), dtype=np.float32)
+    assert engine.predict(x).shape == (1, 1, *bundle.card.patch_size)
+    with pytest.raises(RuntimeError):  # asked for by name: no silent switch
+        create_engine(bundle, engine="openvino", device="cpu").predict(x)
+
+
 def test_model_card_round_trips_and_records_the_checksum(tiny_model_dir):
     bundle = load_model(tiny_model_dir)
     assert bundle.card.onnx_sha256 == sha256_of_file(os.path.join(tiny_model_dir, "model.onnx"))

@@ -84,11 +84,13 @@ class _StageTimer:
         return result
 
 
-def load_model_and_engine(options: SegmentOptions) -> "tuple[ModelBundle, InferenceEngine]":
+def load_model_and_engine(options: SegmentOptions, bundle: Optional["ModelBundle"] = None) -> "tuple[ModelBundle, InferenceEngine]":
+    """The model (``bundle`` if given, else ``options.model_dir``) and an engine for it, as ``options`` ask."""
     from .engine import create_engine
     from .model_files import load_model
 
-    bundle = load_model(options.model_dir)
+    if bundle is None:
+        bundle = load_model(options.model_dir)
     engine = create_engine(bundle, engine=options.engine, device=options.device, threads=options.threads, precision=options.precision)
     return bundle, engine
 
@@ -118,8 +120,10 @@ def segment_image(
     reporter = reporter or ProgressReporter()
     stop = stop or StopCheck(options.cancel_file)
     timer = _StageTimer(reporter)
-    if bundle is None or engine is None:
-        bundle, engine = load_model_and_engine(options)
+    if engine is None:
+        bundle, engine = load_model_and_engine(options, bundle)  # a bundle passed alone is the model to run
+    elif bundle is None:
+        raise ValueError("an engine was passed without the model bundle it was built from: pass both")
     card = bundle.card
     if options.task not in ("spine", "vertebrae"):
         raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
@@ -312,8 +316,10 @@ def segment_file(
     start_total = time.perf_counter()
     timer = _StageTimer(reporter)
     image = timer.run("read", read_image, input_path, series_uid=options.series_uid, reporter=reporter)
-    if bundle is None or engine is None:
-        bundle, engine = load_model_and_engine(options)
+    if engine is None:
+        bundle, engine = load_model_and_engine(options, bundle)  # a bundle passed alone is the model to run
+    elif bundle is None:
+        raise ValueError("an engine was passed without the model bundle it was built from: pass both")
     if not bundle.card.trained:
         reporter.warning("model_untrained", "The model has random weights (not trained): the result is NOT a segmentation of the spine.")
     result = segment_image(image, options, reporter=reporter, stop=stop, bundle=bundle, engine=engine)

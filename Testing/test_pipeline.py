@@ -349,3 +349,25 @@ def test_a_surface_path_without_stl_extension_is_refused_before_the_network_runs
         segment_file(str(source), str(tmp_path / "mask.nii.gz"), SegmentOptions(), stl_path=str(tmp_path / "x"), bundle=bundle, engine=engine)
     assert error.value.code == "output_format" and engine.calls == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def test_a_bundle_passed_alone_is_the_model_that_runs(tiny_model_dir, monkeypatch):
+    """Passing a model bundle without an engine must run that model, not silently the one options name."""
+    import SpineContextSegLib.pipeline as pipeline_module
+
+    bundle = load_model(tiny_model_dir)
+    original, seen = pipeline_module.load_model_and_engine, []
+
+    def spy(options, passed=None):
+        loaded, engine = original(options, passed)
+        seen.append(loaded.directory)
+        return loaded, engine
+
+    monkeypatch.setattr(pipeline_module, "load_model_and_engine", spy)
+    try:
+        segment_image(make_ct_image(), SegmentOptions(min_spine_ml=0.0, min_island_ml=0.0, engine="onnxruntime"), bundle=bundle)
+    except SegmentationError as error:  # a random model may find no spine; which model ran is what counts
+        assert error.code == "no_spine_found"
+    assert seen == [bundle.directory]
+    with pytest.raises(ValueError):
+        segment_image(make_ct_image(), SegmentOptions(), engine=object())

@@ -11,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from SpineContextSegLib.engine import InferenceEngine  # noqa: E402  (after the path is set)
+
 SAMPLE_CT = os.path.join(ROOT, "SpineContextSegLib", "resources", "sample", "ct.nii.gz")
 
 
@@ -80,3 +82,25 @@ def make_ct_image(size=(40, 36, 30), spacing=(2.0, 2.0, 2.5), direction=None, or
     if direction is not None:
         image.SetDirection(direction)
     return image
+
+
+class BoneThresholdEngine(InferenceEngine):
+    """A stand-in network: probability = sigmoid of (HU - 250) on the [0, 1] window (bone)."""
+
+    name = "bone-threshold"
+
+    def __init__(self, hu_window=(-1000.0, 2000.0)):
+        self.unit_threshold = (250.0 - hu_window[0]) / (hu_window[1] - hu_window[0])
+        self.calls = 0
+
+    def predict(self, batch):
+        self.calls += 1
+        return 1.0 / (1.0 + np.exp(np.clip(-400.0 * (batch - self.unit_threshold), -50, 50)))
+
+
+@pytest.fixture
+def bundle(tiny_model_dir):
+    """The tiny random model, loaded (pairs with :class:`BoneThresholdEngine` in pipeline tests)."""
+    from SpineContextSegLib.model_files import load_model
+
+    return load_model(tiny_model_dir)

@@ -11,33 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.engine import InferenceEngine
 from SpineContextSegLib.errors import ERROR_CODES, SegmentationError
-from SpineContextSegLib.model_files import load_model
 from SpineContextSegLib.pipeline import SegmentOptions, segment_file
 
-from conftest import ROOT, make_ct_image
+from conftest import ROOT, BoneThresholdEngine, make_ct_image
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-class BoneThresholdEngine(InferenceEngine):
-    """A stand-in network: probability = sigmoid of (HU - 250) on the [0, 1] window (bone)."""
-
-    name = "bone-threshold"
-
-    def __init__(self, hu_window=(-1000.0, 2000.0)):
-        self.unit_threshold = (250.0 - hu_window[0]) / (hu_window[1] - hu_window[0])
-        self.calls = 0
-
-    def predict(self, batch):
-        self.calls += 1
-        return 1.0 / (1.0 + np.exp(np.clip(-400.0 * (batch - self.unit_threshold), -50, 50)))
-
-
-@pytest.fixture
-def bundle(tiny_model_dir):
-    return load_model(tiny_model_dir)
 
 
 def write_ct_series(folder, hu_zyx, *, spacing=(1.5, 1.5, 3.0), origin=(-48.0, -40.0, 100.0), direction=None, reverse_names=False):

@@ -13,26 +13,7 @@ from SpineContextSegLib.model_files import load_model
 from SpineContextSegLib.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
 from SpineContextSegLib.postprocess import clean_probability
 
-from conftest import make_ct_image
-
-
-class BoneThresholdEngine(InferenceEngine):
-    """A stand-in network: probability = sigmoid of (HU - 250) on the [0, 1] window (bone)."""
-
-    name = "bone-threshold"
-
-    def __init__(self, hu_window=(-1000.0, 2000.0)):
-        self.unit_threshold = (250.0 - hu_window[0]) / (hu_window[1] - hu_window[0])
-        self.calls = 0
-
-    def predict(self, batch):
-        self.calls += 1
-        return 1.0 / (1.0 + np.exp(np.clip(-400.0 * (batch - self.unit_threshold), -50, 50)))
-
-
-@pytest.fixture
-def bundle(tiny_model_dir):
-    return load_model(tiny_model_dir)
+from conftest import BoneThresholdEngine, make_ct_image
 
 
 @pytest.mark.parametrize(

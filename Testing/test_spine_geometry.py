@@ -10,27 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.engine import InferenceEngine
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.model_files import load_model
 from SpineContextSegLib.pipeline import SegmentOptions, segment_file
 from SpineContextSegLib.spine_geometry import spine_centreline, spine_roi
 
-from conftest import ROOT, make_ct_image
-
-
-class BoneThresholdEngine(InferenceEngine):
-    """A stand-in network: probability = sigmoid of (HU - 250) on the [0, 1] window (bone)."""
-
-    name = "bone-threshold"
-
-    def __init__(self, hu_window=(-1000.0, 2000.0)):
-        self.unit_threshold = (250.0 - hu_window[0]) / (hu_window[1] - hu_window[0])
-        self.calls = 0
-
-    def predict(self, batch):
-        self.calls += 1
-        return 1.0 / (1.0 + np.exp(np.clip(-400.0 * (batch - self.unit_threshold), -50, 50)))
+from conftest import ROOT, BoneThresholdEngine, make_ct_image
 
 
 def rotation(axis, degrees):

@@ -241,6 +241,17 @@ def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[D
     return spine_probability, votes
 
 
+#: Slice spacing along the spine above which ``--task vertebrae`` warns that discs are not resolved, mm.
+MAX_SLICE_MM_FOR_NAMES = 5.0
+
+
+def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:
+    """Voxel spacing of ``image`` along the image axis closest to the patient's head-foot axis (LPS z), mm."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    axis = int(np.argmax(np.abs(direction[2, :])))  # column j of the direction matrix is image axis j in LPS
+    return float(image.GetSpacing()[axis])
+
+
 def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None):
     """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebrae.py)."""
     from .labels import vertebra_by_verse_id
@@ -249,6 +260,15 @@ def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressR
     labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes)
     info["vertebrae"] = vertebra_info
     confidence = float(vertebra_info.get("confidence", 0.0))
+    slice_mm = cranio_caudal_spacing_mm(image)
+    if slice_mm > MAX_SLICE_MM_FOR_NAMES:
+        # thoracic discs are 4-6 mm high: thicker slices average them into the bodies, so the
+        # split misses discs and every name after a missed disc is off (CTChest4, 10 mm: L2-L5 for a chest)
+        reporter.warning(
+            "vertebra_slices_too_thick",
+            f"The CT's slices are {slice_mm:.1f} mm apart along the spine (more than {MAX_SLICE_MM_FOR_NAMES:g} mm): the discs between "
+            "vertebrae are not resolved, so vertebrae can be merged or split wrongly and their names are unreliable.",
+        )
     # without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
     # vertebrae network) the names are a guess from vertebra size and spacing, however likely
     # that guess scores: warn then, and whenever the chosen names are less likely than not

@@ -172,3 +172,41 @@ def test_find_peaks_matches_scipy_signal():
         found, ours = vertebrae.find_peaks(values, prominence=prominence, distance=distance)
         assert np.array_equal(found, expected)
         assert np.allclose(ours["prominences"], properties["prominences"])
+
+
+def _warnings_of_naming(ct, mask):
+    from SpineContextSegLib.pipeline import _name_vertebrae
+    from SpineContextSegLib.progress import ProgressReporter
+
+    warnings = []
+
+    class Recorder(ProgressReporter):
+        def emit(self, message):
+            if message["type"] == "warning":
+                warnings.append(message["code"])
+
+    _name_vertebrae(mask, ct, Recorder(), {})
+    return warnings
+
+
+def test_slices_too_thick_to_show_discs_are_flagged(chest):
+    """CTChest4 (10 mm slices) was named L2-L5 for a chest: such a scan must say its names are unreliable."""
+    assert "vertebra_slices_too_thick" not in _warnings_of_naming(chest.ct, chest.spine_mask)  # 2.5 mm
+    thick_spacing = (2.5, 2.5, 8.0)
+    size = [int(round(n * s / t)) for n, s, t in zip(chest.ct.GetSize(), chest.ct.GetSpacing(), thick_spacing)]
+
+    def resampled(image, interpolator):
+        return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), thick_spacing, image.GetDirection(), 0, image.GetPixelID())
+
+    warnings = _warnings_of_naming(resampled(chest.ct, sitk.sitkLinear), resampled(chest.spine_mask, sitk.sitkNearestNeighbor))
+    assert "vertebra_slices_too_thick" in warnings
+
+
+def test_the_cranio_caudal_spacing_follows_the_head_foot_axis_not_the_last_index():
+    from SpineContextSegLib.pipeline import cranio_caudal_spacing_mm
+
+    image = sitk.Image(4, 5, 6, sitk.sitkInt16)
+    image.SetSpacing((3.0, 0.8, 0.7))
+    assert cranio_caudal_spacing_mm(image) == 0.7  # axial slices
+    image.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))  # sagittal slabs: the index axes run P, I, L
+    assert cranio_caudal_spacing_mm(image) == 0.8

@@ -140,7 +140,7 @@ class OpenVinoEngine(InferenceEngine):
             raise SegmentationError("model_incompatible", f"OpenVINO could not read {onnx_path}: {_short_message(error)}") from None
         check_model_io([d.get_length() if d.is_static else None for d in self.model.inputs[0].get_partial_shape()], onnx_path)
         self.precision = precision
-        # int8: the Q/DQ pairs of the INT8 file run in int8; the rest (head, sigmoid) stays f32
+        # int8: the Q/DQ pairs of the INT8 file run in int8; what quantize kept fp32 stays f32
         self.config = {"INFERENCE_NUM_THREADS": int(threads or default_threads()), "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         self._compiled = {}
 

@@ -223,6 +223,10 @@ def _run_export(args: argparse.Namespace, reporter, stop) -> int:
         overrides["overlap"] = args.overlap
     if args.threshold is not None:
         overrides["threshold"] = args.threshold
+    if args.spacing is not None:
+        if args.spacing <= 0:
+            raise UsageError(f"--spacing must be a positive number of mm, not {args.spacing}")
+        overrides["spacing_mm"] = [float(args.spacing)] * 3
     if args.version:
         overrides["version"] = args.version
     bundle = export_checkpoint(args.checkpoint, args.output, **overrides)
@@ -302,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="inference tile recorded in the card (default: the training patch)")
     export.add_argument("--overlap", type=float, help="default tile overlap recorded in the card")
     export.add_argument("--threshold", type=float, help="probability threshold recorded in the card")
+    export.add_argument(
+        "--spacing", type=float, metavar="MM",
+        help="isotropic grid (mm) the model runs on, recorded in the card (default: the training spacing); "
+        "a finer grid shows the network larger-looking vertebrae (see docs/model-card.md)",
+    )
     export.add_argument("--version", help="model version recorded in the card (default: the checkpoint's)")
     export.set_defaults(run=_run_export)
 

@@ -262,8 +262,15 @@ def _run_info(args: argparse.Namespace, reporter, stop) -> int:
         f"trained on:  {card.training_data or '-'}",
         f"scores:      {json.dumps(card.scores) if card.scores else '-'}",
     ]
+    if card.int8.get("agreement"):
+        from .model_files import INT8_MIN_AGREEMENT_DICE, int8_agreement_holds
+
+        lowest = min(float(value) for value in card.int8["agreement"].values())
+        verdict = "--precision auto may use it" if int8_agreement_holds(card) else f"below {INT8_MIN_AGREEMENT_DICE}: only with --precision int8"
+        lines.append(f"int8:        {card.int8.get('file')}, mask agreement with fp32 >= {lowest:.4f} on {len(card.int8['agreement'])} cases ({verdict})")
     try:
-        engine = create_engine(bundle, engine=args.engine, device=args.device)
+        # what `segment` would run with the same options (precision auto: bf16, int8 or fp32)
+        engine = create_engine(bundle, engine=args.engine, device=args.device, precision=args.precision)
         lines.append(f"engine:      {engine.describe()}")
     except SegmentationError as error:
         lines.append(f"engine:      unavailable [{error.code}] {error.message}")
@@ -324,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model")
     info.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "openvino", "torch"))
     info.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    info.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8"))
     info.set_defaults(run=_run_info)
 
     for name, module, help_text in (

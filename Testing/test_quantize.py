@@ -191,3 +191,17 @@ def test_the_first_convolutions_and_the_full_resolution_tail_stay_fp32(quantized
     assert first and tail and middle
     assert not any(weight_is_quantised(node) for node in first + tail)
     assert all(weight_is_quantised(node) for node in middle)
+
+
+@pytest.mark.skipif(not HAVE_OPENVINO, reason="OpenVINO is not installed")
+def test_info_shows_the_precision_segment_would_run(monkeypatch, card_with_agreement, capsys):
+    """`info` used to build its engine with fp32 whatever `segment --precision auto` would pick."""
+    monkeypatch.setattr(engine_module, "cpu_supports_bf16", lambda: False)
+    bundle = card_with_agreement({"a": 0.995})
+    assert main(["info", "--model", bundle.directory]) == 0
+    out = capsys.readouterr().out
+    assert "engine:      openvino (cpu, int8)" in out and "--precision auto may use it" in out
+    bundle = card_with_agreement({"a": 0.95})
+    assert main(["info", "--model", bundle.directory]) == 0
+    out = capsys.readouterr().out
+    assert "engine:      openvino (cpu, fp32)" in out and "only with --precision int8" in out

@@ -921,6 +921,8 @@ class SpineContextSegLogic(ScriptedLoadableModuleLogic):
                 overlap=overlap,
                 task=task,
                 cancel_file=cancelFile,
+                roi_path=os.path.join(tempDir, "roi.json"),
+                centreline_path=os.path.join(tempDir, "centreline.json"),
             )
         except Exception:
             import shutil
@@ -1083,7 +1085,7 @@ class SpineContextSegLogic(ScriptedLoadableModuleLogic):
         self._callback(run, event)
 
     def importResult(self, run: SegmentationRun, result: Dict[str, Any]) -> List[str]:
-        """Import the worker's label map (one ``ImportLabelmapToSegmentationNode`` call), then surface and view."""
+        """Import the worker's label map (one ``ImportLabelmapToSegmentationNode`` call), ROI and centreline, then surface and view."""
         mrml_io, _worker_process = _libraries()
         labels = result.get("labels") or defaultLabels(run.task)
         maskPath = (result.get("outputs") or {}).get("mask")
@@ -1092,6 +1094,13 @@ class SpineContextSegLogic(ScriptedLoadableModuleLogic):
         run.segmentIds = mrml_io.import_label_map(
             maskPath, run.outputSegmentation, labels, run.inputVolume, exported_ijk_to_ras=run.exportedIjkToRas, task=run.task
         )
+        # the spine's box (hidden Markups ROI, for cropping or downstream modules) and the centreline
+        # through the vertebral bodies (Markups curve with the sagittal/coronal curvature as attributes)
+        outputs = result.get("outputs") or {}
+        if outputs.get("roi"):
+            mrml_io.import_spine_roi(outputs["roi"], run.outputSegmentation, run.inputVolume)
+        if outputs.get("centreline"):
+            mrml_io.import_centreline(outputs["centreline"], run.outputSegmentation, run.inputVolume)
         mrml_io.create_closed_surface(run.outputSegmentation, show_in_3d=run.showResult)
         if run.showResult:
             showResultInViews(run.inputVolume, run.outputSegmentation)
@@ -1279,6 +1288,16 @@ class SpineContextSegTest(ScriptedLoadableModuleTest):
         surface = segmentation.GetClosedSurfaceInternalRepresentation(segmentId)
         self.assertIsNotNone(surface)
         self.assertGreater(surface.GetNumberOfPoints(), 0)
+        roi = slicer.mrmlScene.GetNodeByID(segmentation.GetAttribute("SpineContextSeg.RoiNodeID"))
+        curve = slicer.mrmlScene.GetNodeByID(segmentation.GetAttribute("SpineContextSeg.CentrelineNodeID"))
+        self.assertTrue(roi is not None and roi.IsA("vtkMRMLMarkupsROINode"))
+        self.assertTrue(curve is not None and curve.GetNumberOfControlPoints() >= 2)
+        roiCentre = [0.0, 0.0, 0.0]
+        roi.GetCenterWorld(roiCentre)
+        bounds = [0.0] * 6
+        segmentation.GetRASBounds(bounds)
+        for axis in range(3):  # the box is around the segmentation
+            self.assertTrue(bounds[2 * axis] - 1.0 <= roiCentre[axis] <= bounds[2 * axis + 1] + 1.0)
 
         self.delayDisplay("Exporting STL")
         folder = tempfile.mkdtemp(prefix="scs-test-stl-")

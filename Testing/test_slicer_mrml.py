@@ -495,3 +495,56 @@ def test_round_trip_with_slicerio_ctchest_spine_segments(scene, tmp_path):
         assert segment["terminology"]["type"] == ["SCT", SPINE.snomed_code, SPINE.snomed_meaning]
     np.testing.assert_allclose(back["ijkToLPS"], reference["ijkToLPS"], atol=1e-4)
 
+
+
+def _world_ras_of_voxel(volume, ijk) -> np.ndarray:
+    world = as_array(mrml_io.world_ijk_to_ras(volume))
+    return (world @ np.array([*ijk, 1.0]))[:3]
+
+
+def test_spine_roi_and_centreline_become_markups_in_place_under_the_input_transform(scene, tmp_path):
+    """The worker's --roi/--centreline JSON (world LPS) become a ROI and a curve at the same world place, moving with the CT."""
+    import SimpleITK as sitk
+
+    from SpineContextSegLib.labels import labels_for_task
+    from SpineContextSegLib.spine_geometry import spine_centreline, spine_roi, write_json
+
+    shape = (60, 40, 36)  # k j i
+    ijk_to_ras = oblique_ijk_to_ras(spacing=(1.5, 1.5, 2.0), angle_deg=20.0)
+    volume = add_volume(scene, np.full(shape, -1000, dtype=np.int16), ijk_to_ras)
+    volume.SetAndObserveTransformNodeID(add_linear_transform(scene).GetID())
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT spine")
+    exported = str(tmp_path / "input.nrrd")
+    mrml_io.export_volume(volume, exported)
+    # a column of five "vertebrae" along k, on the grid the worker saw
+    labels = np.zeros(shape, dtype=np.uint8)
+    for n in range(5):
+        labels[6 + 10 * n: 14 + 10 * n, 15:25, 13:23] = 20 + n  # L1..L5
+    mask = sitk.GetImageFromArray(labels)
+    mask.CopyInformation(sitk.ReadImage(exported))
+    roi_json, line_json = str(tmp_path / "roi.json"), str(tmp_path / "centreline.json")
+    write_json(spine_roi(mask, margin_mm=5.0, labels=labels_for_task("vertebrae")), roi_json)
+    write_json(spine_centreline(mask, labels=labels_for_task("vertebrae")), line_json)
+
+    roi = mrml_io.import_spine_roi(roi_json, segmentation, volume)
+    assert roi.GetTransformNodeID() == volume.GetTransformNodeID() and roi.GetLocked()
+    assert not roi.GetDisplayNode().GetVisibility()  # handles would cover the slice views
+    centre_world = np.zeros(3)
+    roi.GetCenterWorld(centre_world)
+    expected_centre = _world_ras_of_voxel(volume, ((13 + 22) / 2, (15 + 24) / 2, (6 + 53) / 2))
+    np.testing.assert_allclose(centre_world, expected_centre, atol=1e-3)
+    np.testing.assert_allclose(list(roi.GetSize()), [10 * 1.5 + 10, 10 * 1.5 + 10, 48 * 2.0 + 10], atol=1e-3)
+    assert mrml_io.import_spine_roi(roi_json, segmentation, volume).GetID() == roi.GetID()  # a second run reuses it
+
+    curve = mrml_io.import_centreline(line_json, segmentation, volume)
+    assert curve.GetTransformNodeID() == volume.GetTransformNodeID() and curve.GetLocked()
+    assert curve.GetNumberOfControlPoints() == 5
+    assert [curve.GetNthControlPointLabel(i) for i in range(5)] == ["L1", "L2", "L3", "L4", "L5"]
+    for n in range(5):
+        world = np.zeros(3)
+        curve.GetNthControlPointPositionWorld(n, world)
+        np.testing.assert_allclose(world, _world_ras_of_voxel(volume, (17.5, 19.5, 9.5 + 10 * n)), atol=0.6)
+    assert {"end_angle_deg", "max_curvature_deg_per_cm"} <= set(json.loads(curve.GetAttribute("SpineContextSeg.Sagittal")))
+    assert {"end_angle_deg", "max_curvature_deg_per_cm"} <= set(json.loads(curve.GetAttribute("SpineContextSeg.Coronal")))
+    again = mrml_io.import_centreline(line_json, segmentation, volume)
+    assert again.GetID() == curve.GetID() and again.GetNumberOfControlPoints() == 5

@@ -121,12 +121,15 @@ def make_run(tmp_path, command, **kwargs):
 def test_build_worker_command_maps_every_option():
     command = wp.build_worker_command(
         "/opt/Slicer/bin/PythonSlicer", "/t/in.nrrd", "/t/out.nrrd", model="/m", device="cuda", threads=3,
-        overlap=0.5, task="vertebrae", cancel_file="/t/cancel",
+        overlap=0.5, task="vertebrae", cancel_file="/t/cancel", roi_path="/t/roi.json", centreline_path="/t/line.json",
     )
     assert command[:3] == ["/opt/Slicer/bin/PythonSlicer", "-m", "SpineContextSegLib.worker"]
     assert command[3:6] == ["/t/in.nrrd", "-o", "/t/out.nrrd"]
     pairs = dict(zip(command[6::2], command[7::2]))
-    assert pairs == {"--device": "cuda", "--task": "vertebrae", "--model": "/m", "--threads": "3", "--overlap": "0.5", "--cancel-file": "/t/cancel"}
+    assert pairs == {
+        "--device": "cuda", "--task": "vertebrae", "--model": "/m", "--threads": "3", "--overlap": "0.5", "--cancel-file": "/t/cancel",
+        "--roi": "/t/roi.json", "--centreline": "/t/line.json",
+    }
     # defaults add nothing the worker does not need (a worker without --task support still runs)
     assert wp.build_worker_command("py", "i", "o") == ["py", "-m", "SpineContextSegLib.worker", "i", "-o", "o", "--device", "auto"]
     with pytest.raises(ValueError):
@@ -548,6 +551,10 @@ def test_logic_process_blocking_imports_surface_and_exports(module_with_stub_gui
     assert not os.path.exists(run.tempDir)
     assert segmentation.GetClosedSurfaceInternalRepresentation("Spine").GetNumberOfPoints() > 0
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
+    roi = scene.GetNodeByID(segmentation.GetAttribute("SpineContextSeg.RoiNodeID"))
+    curve = scene.GetNodeByID(segmentation.GetAttribute("SpineContextSeg.CentrelineNodeID"))
+    assert roi.IsA("vtkMRMLMarkupsROINode") and roi.GetName() == "sample spine ROI"
+    assert curve.IsA("vtkMRMLMarkupsCurveNode") and curve.GetNumberOfControlPoints() >= 2
 
     paths = logic.exportStl(segmentation, str(tmp_path / "stl"))
     assert [os.path.basename(p) for p in paths] == ["sample spine_Spine.stl"]

@@ -19,6 +19,7 @@ Geometry, deliberately:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -351,6 +352,116 @@ def load_terminology(terminology_logic, path: str) -> str:
     if name != TERMINOLOGY_CONTEXT:
         raise SegmentationError("internal", f"{path} defines the context '{name}', but segments name '{TERMINOLOGY_CONTEXT}'.")
     return name
+
+
+# ----------------------------------------------------------------------------- spine ROI and centreline
+#: Attributes on the segmentation node naming the ROI and centreline nodes made for it (reused by the next run).
+ROI_NODE_ATTRIBUTE = "SpineContextSeg.RoiNodeID"
+CENTRELINE_NODE_ATTRIBUTE = "SpineContextSeg.CentrelineNodeID"
+
+
+def lps_world_to_local_ras(reference_volume) -> vtk.vtkMatrix4x4:
+    """World LPS (the worker's JSON files) -> RAS in the frame of ``reference_volume``'s parent transform.
+
+    The worker saw the volume in world coordinates (:func:`export_volume`); nodes placed under
+    the volume's transform need the inverse of that transform applied.
+    """
+    lps_to_ras = vtk.vtkMatrix4x4()
+    lps_to_ras.SetElement(0, 0, -1.0)
+    lps_to_ras.SetElement(1, 1, -1.0)
+    transform_node = reference_volume.GetParentTransformNode()
+    if transform_node is None:
+        return lps_to_ras
+    world_to_local = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformFromWorld(world_to_local)
+    result = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Multiply4x4(world_to_local, lps_to_ras, result)
+    return result
+
+
+def _apply(matrix: vtk.vtkMatrix4x4, point: Sequence[float], *, direction: bool = False) -> List[float]:
+    homogeneous = [float(point[0]), float(point[1]), float(point[2]), 0.0 if direction else 1.0]
+    return list(matrix.MultiplyPoint(homogeneous))[:3]
+
+
+def _reusable_node(segmentation_node, attribute: str, class_name: str, name: str):
+    """The node this segmentation's previous run made (same class), emptied; else a new one."""
+    scene = segmentation_node.GetScene()
+    node_id = segmentation_node.GetAttribute(attribute)
+    node = scene.GetNodeByID(node_id) if node_id else None
+    if node is None or not node.IsA(class_name):
+        node = scene.AddNewNodeByClass(class_name, name)
+        segmentation_node.SetAttribute(attribute, node.GetID())
+    node.SetName(name)
+    if hasattr(node, "RemoveAllControlPoints"):
+        node.RemoveAllControlPoints()
+    return node
+
+
+def import_spine_roi(path: str, segmentation_node, reference_volume, *, visible: bool = False):
+    """The worker's ``--roi`` JSON as a box-shaped Markups ROI node next to the segmentation.
+
+    The box keeps its orientation (the image's axes), centre and size; it lies under the
+    input volume's parent transform, like the segmentation. Hidden by default (its handles
+    would cover the slice views); locked, so it is not dragged by accident. A later run for
+    the same segmentation updates the same node. Returns the node.
+    """
+    with open(path, encoding="utf-8") as handle:
+        box = json.load(handle)
+    to_local = lps_world_to_local_ras(reference_volume)
+    node = _reusable_node(segmentation_node, ROI_NODE_ATTRIBUTE, "vtkMRMLMarkupsROINode", f"{segmentation_node.GetName()} ROI")
+    node.SetROIType(slicer.vtkMRMLMarkupsROINode.ROITypeBox)
+    object_to_node = vtk.vtkMatrix4x4()
+    for column, axis in enumerate(box["axes"]):
+        local_axis = _apply(to_local, axis, direction=True)
+        length = sum(c * c for c in local_axis) ** 0.5 or 1.0
+        for row in range(3):
+            object_to_node.SetElement(row, column, local_axis[row] / length)
+    centre = _apply(to_local, box["centre_lps_mm"])
+    for row in range(3):
+        object_to_node.SetElement(row, 3, centre[row])
+    node.SetAndObserveObjectToNodeMatrix(object_to_node)
+    node.SetSize(*[float(v) for v in box["size_mm"]])
+    node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+    node.SetLocked(True)
+    node.SetAttribute("SpineContextSeg.RoiMarginMm", str(box.get("margin_mm", "")))
+    node.CreateDefaultDisplayNodes()
+    if node.GetDisplayNode() is not None:
+        node.GetDisplayNode().SetVisibility(bool(visible))
+    place_next_to_volume(node, reference_volume)
+    return node
+
+
+def import_centreline(path: str, segmentation_node, reference_volume):
+    """The worker's ``--centreline`` JSON as a Markups curve through the vertebral bodies' centres.
+
+    Control points: one per vertebral body (labelled with its name after a Vertebrae run),
+    from the lowest to the highest; with fewer than two bodies, the centreline's own points
+    every 10 mm. The sagittal and coronal summaries (end angle, most tilted pair, maximum
+    curvature) are stored as JSON in the node attributes ``SpineContextSeg.Sagittal`` and
+    ``SpineContextSeg.Coronal``. Locked; under the input's parent transform. Returns the node.
+    """
+    with open(path, encoding="utf-8") as handle:
+        line = json.load(handle)
+    to_local = lps_world_to_local_ras(reference_volume)
+    bodies = line.get("vertebrae") or []
+    if len(bodies) >= 2:
+        points = [(body["centre_lps_mm"], str(body.get("label", ""))) for body in bodies]
+    else:
+        every = max(1, int(round(10.0 / float(line.get("step_mm") or 2.0))))
+        points = [(point, "") for point in line.get("points_lps_mm", [])[::every]]
+    node = _reusable_node(segmentation_node, CENTRELINE_NODE_ATTRIBUTE, "vtkMRMLMarkupsCurveNode", f"{segmentation_node.GetName()} centreline")
+    for point, label in points:
+        index = node.AddControlPoint(vtk.vtkVector3d(*_apply(to_local, point)))
+        node.SetNthControlPointLabel(index, label)
+    node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+    node.SetLocked(True)
+    for plane in ("sagittal", "coronal"):
+        if plane in line:
+            node.SetAttribute(f"SpineContextSeg.{plane.capitalize()}", json.dumps(line[plane]))
+    node.CreateDefaultDisplayNodes()
+    place_next_to_volume(node, reference_volume)
+    return node
 
 
 # ----------------------------------------------------------------------------- surfaces

@@ -81,6 +81,8 @@ def build_worker_command(
     cancel_file: Optional[str] = None,
     stl_path: Optional[str] = None,
     qc_path: Optional[str] = None,
+    roi_path: Optional[str] = None,
+    centreline_path: Optional[str] = None,
 ) -> List[str]:
     """The worker's command line (the same options as ``spinecontextseg segment --progress json``).
 
@@ -99,8 +101,8 @@ def build_worker_command(
     overlap : float, optional
         Tile overlap in [0, 1); ``None`` uses the model card's default.
     task : {"spine", "vertebrae"}
-    cancel_file, stl_path, qc_path : str, optional
-        Passed through as ``--cancel-file``, ``--stl`` and ``--qc``.
+    cancel_file, stl_path, qc_path, roi_path, centreline_path : str, optional
+        Passed through as ``--cancel-file``, ``--stl``, ``--qc``, ``--roi`` and ``--centreline``.
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
@@ -124,6 +126,10 @@ def build_worker_command(
         command += ["--stl", os.fspath(stl_path)]
     if qc_path:
         command += ["--qc", os.fspath(qc_path)]
+    if roi_path:
+        command += ["--roi", os.fspath(roi_path)]
+    if centreline_path:
+        command += ["--centreline", os.fspath(centreline_path)]
     return command
 
 

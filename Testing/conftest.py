@@ -104,3 +104,61 @@ def bundle(tiny_model_dir):
     from SpineContextSegLib.model_files import load_model
 
     return load_model(tiny_model_dir)
+
+
+def scripted_module_stubs(test_base=object) -> dict:
+    """Stand-ins for the Slicer modules a scripted module imports besides MRML: ``{module name: module}``.
+
+    ``slicer.i18n`` (translation returns the text), ``slicer.parameterNodeWrapper`` (the
+    decorator returns the class), ``slicer.ScriptedLoadableModule`` (plain bases; the test
+    base class is ``test_base``). Install them with ``monkeypatch.setitem(sys.modules, ...)``.
+    """
+    import types
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = lambda choices: ("Choice", choices)
+    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
+    bases = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class _Base:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    bases.ScriptedLoadableModule = bases.ScriptedLoadableModuleWidget = bases.ScriptedLoadableModuleLogic = _Base
+    bases.ScriptedLoadableModuleTest = test_base
+    return {"slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper, "slicer.ScriptedLoadableModule": bases}
+
+
+class PlainTextLog:
+    """Stands in for the panel's log (a ``QPlainTextEdit``): the lines appended, in order."""
+
+    def __init__(self):
+        self.lines = []
+
+    def appendPlainText(self, text):
+        self.lines.append(text)
+
+    def toPlainText(self):
+        return "\n".join(self.lines)
+
+    def clear(self):
+        self.lines = []
+
+
+def warning_recorder():
+    """``(reporter, codes)``: a :class:`~SpineContextSegLib.progress.ProgressReporter` that appends each warning's code to ``codes``."""
+    from SpineContextSegLib.progress import ProgressReporter
+
+    codes = []
+
+    class WarningRecorder(ProgressReporter):
+        def emit(self, message):
+            if message["type"] == "warning":
+                codes.append(message["code"])
+
+    return WarningRecorder(), codes
+

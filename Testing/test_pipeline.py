@@ -13,7 +13,7 @@ from SpineContextSegLib.model_files import load_model
 from SpineContextSegLib.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
 from SpineContextSegLib.postprocess import clean_probability
 
-from conftest import BoneThresholdEngine, make_ct_image
+from conftest import BoneThresholdEngine, make_ct_image, warning_recorder
 
 
 @pytest.mark.parametrize(
@@ -175,18 +175,12 @@ def test_output_equal_to_input_is_refused(tmp_path, bundle):
 def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table():
     from SpineContextSegLib.phantom import generate_phantom
     from SpineContextSegLib.pipeline import _name_vertebrae
-    from SpineContextSegLib.progress import ProgressReporter
 
     phantom = generate_phantom(21, first_level="L1", last_level="S", spacing_mm=(2.0, 2.0, 2.0), field_of_view="torso", noise_hu=10.0)
-    warnings = []
-
-    class Recorder(ProgressReporter):
-        def emit(self, message):
-            if message["type"] == "warning":
-                warnings.append(message["code"])
+    recorder, warnings = warning_recorder()
 
     info = {}
-    labels_image, labels = _name_vertebrae(phantom.spine_mask, phantom.ct, Recorder(), info)
+    labels_image, labels = _name_vertebrae(phantom.spine_mask, phantom.ct, recorder, info)
     assert labels_image.GetSize() == phantom.ct.GetSize()
     assert [label.name for label in labels] == ["L1", "L2", "L3", "L4", "L5", "Sacrum"]
     predicted = sitk.GetArrayFromImage(labels_image)

@@ -19,6 +19,8 @@ import types
 
 import pytest
 
+from conftest import PlainTextLog, scripted_module_stubs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_PY = os.path.join(ROOT, "SpineContextSeg", "SpineContextSeg.py")
 PYPROJECT = os.path.join(ROOT, "pyproject.toml")
@@ -122,26 +124,11 @@ def fake(monkeypatch):
     slicer.vtkMRMLScalarVolumeNode = type("vtkMRMLScalarVolumeNode", (), {})
     slicer.vtkMRMLSegmentationNode = type("vtkMRMLSegmentationNode", (), {})
     slicer.app = types.SimpleNamespace(testingEnabled=lambda: False, connect=lambda *args: None)
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = lambda choices: ("Choice", choices)
-    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
-    bases = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class _Base:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    bases.ScriptedLoadableModule = bases.ScriptedLoadableModuleWidget = bases.ScriptedLoadableModuleLogic = _Base
-    bases.ScriptedLoadableModuleTest = object
+    stubs = scripted_module_stubs()
     qt = types.ModuleType("qt")
     qt.QSettings = _Settings
-    for name, stub in (("qt", qt), ("ctk", types.ModuleType("ctk")), ("vtk", types.ModuleType("vtk")), ("slicer", slicer),
-                       ("slicer.util", util), ("slicer.packaging", packaging), ("slicer.i18n", i18n),
-                       ("slicer.parameterNodeWrapper", wrapper), ("slicer.ScriptedLoadableModule", bases)):
+    stubs.update({"qt": qt, "ctk": types.ModuleType("ctk"), "vtk": types.ModuleType("vtk"), "slicer": slicer, "slicer.util": util, "slicer.packaging": packaging})
+    for name, stub in stubs.items():
         monkeypatch.setitem(sys.modules, name, stub)
     spec = importlib.util.spec_from_file_location("SpineContextSeg", MODULE_PY)
     module = importlib.util.module_from_spec(spec)
@@ -157,21 +144,10 @@ def fake(monkeypatch):
     return state
 
 
-class _Log:
-    def __init__(self):
-        self.lines = []
-
-    def appendPlainText(self, text):
-        self.lines.append(text)
-
-    def toPlainText(self):
-        return "\n".join(self.lines)
-
-
 def make_widget(fake):
     widget = fake.module.SpineContextSegWidget()
     widget.logic = fake.module.SpineContextSegLogic()
-    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text="", styleSheet=""), logTextEdit=_Log(),
+    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text="", styleSheet=""), logTextEdit=PlainTextLog(),
                                       logCollapsibleButton=types.SimpleNamespace(collapsed=True))
     return widget
 

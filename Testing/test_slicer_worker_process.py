@@ -10,7 +10,6 @@ Two kinds of worker are started as real subprocesses:
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -29,6 +28,8 @@ from SpineContextSegSlicerLib import worker_process as wp  # noqa: E402
 
 from SpineContextSegLib.errors import ERROR_CODES  # noqa: E402
 from SpineContextSegLib.progress import STAGES  # noqa: E402
+
+from conftest import PlainTextLog, scripted_module_stubs  # noqa: E402
 
 SAMPLE_CT = os.path.join(ROOT, "SpineContextSegLib", "resources", "sample", "ct.nii.gz")
 POSIX = sys.platform != "win32"
@@ -481,21 +482,7 @@ def module_with_stub_gui(monkeypatch, tmp_path):
     qt = types.ModuleType("qt")
     qt.QTimer = _ManualTimer
     _ManualTimer.pending, _ManualTimer.running = [], []
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = lambda choices: ("Choice", choices)
-    wrapper.WithinRange = lambda low, high: ("WithinRange", low, high)
-    bases = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class _Base:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    bases.ScriptedLoadableModule = bases.ScriptedLoadableModuleWidget = bases.ScriptedLoadableModuleLogic = _Base
-    bases.ScriptedLoadableModuleTest = unittest.TestCase
+    stubs = scripted_module_stubs(unittest.TestCase)
 
     class _Environment:
         def keys(self):
@@ -514,8 +501,8 @@ def module_with_stub_gui(monkeypatch, tmp_path):
         disconnect=disconnect, connections=connections, processEvents=_pump,
         layoutManager=lambda: None, startupEnvironment=_Environment,
     )
-    for name, stub in (("qt", qt), ("ctk", types.ModuleType("ctk")), ("slicer.i18n", i18n),
-                       ("slicer.parameterNodeWrapper", wrapper), ("slicer.ScriptedLoadableModule", bases)):
+    stubs.update({"qt": qt, "ctk": types.ModuleType("ctk")})
+    for name, stub in stubs.items():
         monkeypatch.setitem(sys.modules, name, stub)
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
@@ -656,20 +643,6 @@ def test_widget_cleanup_stops_the_worker_and_removes_the_logic_observers(module_
     logic.cleanup()  # twice is harmless
 
 
-class _FakeLog:
-    def __init__(self):
-        self.lines = []
-
-    def appendPlainText(self, text):
-        self.lines.append(text)
-
-    def toPlainText(self):
-        return "\n".join(self.lines)
-
-    def clear(self):
-        self.lines = []
-
-
 @pytest.mark.parametrize("slicer_version", ["5.12-gui", "5.12-testing", "5.8"])
 def test_a_failed_pip_install_shows_one_error_dialog(module_with_stub_gui, monkeypatch, slicer_version):
     """Slicer 5.12+'s pip_install shows its own error dialog (with pip's log) before raising: ours must not follow."""
@@ -710,7 +683,7 @@ def test_a_failed_pip_install_shows_one_error_dialog(module_with_stub_gui, monke
     widget = module.SpineContextSegWidget()
     widget.logic = module.SpineContextSegLogic()
     monkeypatch.setattr(widget.logic, "missingDependencies", lambda device: (["onnxruntime>=1.16"], []))
-    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text="", styleSheet=""), logTextEdit=_FakeLog(),
+    widget.ui = types.SimpleNamespace(statusLabel=types.SimpleNamespace(text="", styleSheet=""), logTextEdit=PlainTextLog(),
                                       logCollapsibleButton=types.SimpleNamespace(collapsed=True))
     assert widget.ensureDependencies("cpu") is False
     assert len(dialogs) == 1, f"{len(dialogs)} error dialogs: {dialogs}"

@@ -17,6 +17,8 @@ from SpineContextSegLib import vertebrae  # noqa: E402
 from SpineContextSegLib.labels import vertebra_by_name, vertebra_by_verse_id  # noqa: E402
 from SpineContextSegLib.phantom import generate_phantom  # noqa: E402
 
+from conftest import warning_recorder  # noqa: E402
+
 #: Working grid of the tests (coarse: a few seconds per labelling).
 WORKING_MM = 2.0
 
@@ -98,7 +100,6 @@ def test_vertebrae_in_pieces_are_not_counted_as_levels(chest):
 
 def test_a_lumbar_crop_without_anchor_is_flagged_and_not_confident():
     from SpineContextSegLib.pipeline import _name_vertebrae
-    from SpineContextSegLib.progress import ProgressReporter
 
     phantom = generate_phantom(5, spacing_mm=(2.5, 2.5, 2.5), first_level="L2", last_level="L4", field_of_view="spine")
     # cut the scan to the three vertebrae: no ribs, no sacrum, no skull base in view
@@ -108,15 +109,10 @@ def test_a_lumbar_crop_without_anchor_is_flagged_and_not_confident():
     size[2] = int(z.max() - z.min() + 1)
     index = [0, 0, int(z.min())]
     ct, mask = sitk.RegionOfInterest(phantom.ct, size, index), sitk.RegionOfInterest(phantom.spine_mask, size, index)
-    warnings = []
-
-    class Recorder(ProgressReporter):
-        def emit(self, message):
-            if message["type"] == "warning":
-                warnings.append(message["code"])
+    recorder, warnings = warning_recorder()
 
     info = {}
-    _name_vertebrae(mask, ct, Recorder(), info)
+    _name_vertebrae(mask, ct, recorder, info)
     names = info["vertebrae"]
     assert warnings == ["vertebra_names_uncertain"]
     assert names["anchored"] is False and names["method"] in ("body size only", "ribs (thoracic)")
@@ -176,16 +172,9 @@ def test_find_peaks_matches_scipy_signal():
 
 def _warnings_of_naming(ct, mask):
     from SpineContextSegLib.pipeline import _name_vertebrae
-    from SpineContextSegLib.progress import ProgressReporter
 
-    warnings = []
-
-    class Recorder(ProgressReporter):
-        def emit(self, message):
-            if message["type"] == "warning":
-                warnings.append(message["code"])
-
-    _name_vertebrae(mask, ct, Recorder(), {})
+    recorder, warnings = warning_recorder()
+    _name_vertebrae(mask, ct, recorder, {})
     return warnings
 
 

@@ -725,6 +725,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch", type=int, nargs=3, default=list(d.patch_size), metavar=("D", "H", "W"))
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.learning_rate)
+    parser.add_argument(
+        "--plateau-patience", type=int, default=d.plateau_patience,
+        help=f"epochs without a better validation loss before the learning rate drops tenfold (default {d.plateau_patience})",
+    )
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--iterations-per-epoch", type=int, default=d.iterations_per_epoch)
     parser.add_argument("--architecture", default=d.architecture, choices=("SpineContextResUNet", "ResUNet", "UNet3D"))
@@ -781,6 +785,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         patch_size=tuple(args.patch),
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        plateau_patience=args.plateau_patience,
         epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch,
         architecture=args.architecture,

@@ -299,3 +299,16 @@ def test_a_time_budget_stop_resumes_with_a_larger_budget(data_root, tmp_path):
     train(data_root, out, "--epochs", "3", "--max-minutes", "100", "--resume", str(out / "last.pt"))
     records = history(out)
     assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["iterations"] == 6
+
+
+def test_train_command_line_reaches_the_config():
+    """Every recipe knob on the command line lands in TrainConfig (a flag parsed but dropped trains something else)."""
+    import argparse
+
+    from SpineContextSegLib import training
+
+    parser = argparse.ArgumentParser()
+    training.add_arguments(parser)
+    args = parser.parse_args(["--data", "x", "-o", "out", "--lr", "3e-4", "--plateau-patience", "12", "--spacing", "1.8", "--batch-size", "3"])
+    config = training.config_from_args(args)
+    assert (config.learning_rate, config.plateau_patience, config.spacing_mm, config.batch_size) == (3e-4, 12, 1.8, 3)

@@ -84,11 +84,21 @@ class _StageTimer:
         return result
 
 
-def load_model_and_engine(options: SegmentOptions, bundle: Optional["ModelBundle"] = None) -> "tuple[ModelBundle, InferenceEngine]":
-    """The model (``bundle`` if given, else ``options.model_dir``) and an engine for it, as ``options`` ask."""
+def load_model_and_engine(
+    options: SegmentOptions, bundle: Optional["ModelBundle"] = None, engine: Optional["InferenceEngine"] = None
+) -> "tuple[ModelBundle, InferenceEngine]":
+    """The model and its engine: those passed in, else ``bundle`` (or ``options.model_dir``) with an engine as ``options`` ask.
+
+    A bundle passed alone is the model that runs; an engine without the bundle it was built
+    from is refused (``ValueError``).
+    """
     from .engine import create_engine
     from .model_files import load_model
 
+    if engine is not None:
+        if bundle is None:
+            raise ValueError("an engine was passed without the model bundle it was built from: pass both")
+        return bundle, engine
     if bundle is None:
         bundle = load_model(options.model_dir)
     engine = create_engine(bundle, engine=options.engine, device=options.device, threads=options.threads, precision=options.precision)
@@ -120,10 +130,7 @@ def segment_image(
     reporter = reporter or ProgressReporter()
     stop = stop or StopCheck(options.cancel_file)
     timer = _StageTimer(reporter)
-    if engine is None:
-        bundle, engine = load_model_and_engine(options, bundle)  # a bundle passed alone is the model to run
-    elif bundle is None:
-        raise ValueError("an engine was passed without the model bundle it was built from: pass both")
+    bundle, engine = load_model_and_engine(options, bundle, engine)
     card = bundle.card
     if options.task not in ("spine", "vertebrae"):
         raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
@@ -336,10 +343,7 @@ def segment_file(
     start_total = time.perf_counter()
     timer = _StageTimer(reporter)
     image = timer.run("read", read_image, input_path, series_uid=options.series_uid, reporter=reporter)
-    if engine is None:
-        bundle, engine = load_model_and_engine(options, bundle)  # a bundle passed alone is the model to run
-    elif bundle is None:
-        raise ValueError("an engine was passed without the model bundle it was built from: pass both")
+    bundle, engine = load_model_and_engine(options, bundle, engine)
     if not bundle.card.trained:
         reporter.warning("model_untrained", "The model has random weights (not trained): the result is NOT a segmentation of the spine.")
     result = segment_image(image, options, reporter=reporter, stop=stop, bundle=bundle, engine=engine)

@@ -333,8 +333,8 @@ def test_a_bundle_passed_alone_is_the_model_that_runs(tiny_model_dir, monkeypatc
     bundle = load_model(tiny_model_dir)
     original, seen = pipeline_module.load_model_and_engine, []
 
-    def spy(options, passed=None):
-        loaded, engine = original(options, passed)
+    def spy(options, *passed):
+        loaded, engine = original(options, *passed)
         seen.append(loaded.directory)
         return loaded, engine
 

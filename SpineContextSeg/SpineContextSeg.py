@@ -825,7 +825,7 @@ class SpineContextSegLogic(ScriptedLoadableModuleLogic):
         import shutil
 
         _libraries()
-        from SpineContextSegLib.model_files import CARD_FILE, ONNX_FILE, TORCH_FILE, load_model
+        from SpineContextSegLib.inference.model_files import CARD_FILE, ONNX_FILE, TORCH_FILE, load_model
 
         bundle = load_model(path)  # checks model.json and the sha256 of model.onnx
         mrml_io, _worker_process = _libraries()

@@ -13,10 +13,10 @@ import signal
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_OK, Cancelled, SegmentationError
+from SpineContextSegLib import RESOURCES_DIR, __version__
+from SpineContextSegLib.errors import EXIT_INTERNAL, EXIT_OK, Cancelled, SegmentationError, UsageError
 
-SAMPLE_CT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "sample", "ct.nii.gz")
+SAMPLE_CT = os.path.join(RESOURCES_DIR, "sample", "ct.nii.gz")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -58,7 +58,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options_from_args(args: argparse.Namespace):
-    from .pipeline import SegmentOptions
+    from SpineContextSegLib.inference.pipeline import SegmentOptions
 
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         _usage(f"--overlap must be in [0, 1), got {args.overlap}")
@@ -80,10 +80,6 @@ def _options_from_args(args: argparse.Namespace):
     )
 
 
-class UsageError(Exception):
-    pass
-
-
 def _usage(message: str):
     raise UsageError(message)
 
@@ -97,7 +93,7 @@ def _case_stem(path: str) -> str:
 
 
 def _is_dicom_folder(path: str) -> bool:
-    from .imageio import dicom_series_ids
+    from SpineContextSegLib.io.images import dicom_series_ids
 
     return bool(dicom_series_ids(path))
 
@@ -130,7 +126,7 @@ def _parse_shard(spec: Optional[str]) -> Tuple[int, int]:
 
 
 def _run_segment(args: argparse.Namespace, reporter, stop) -> int:
-    from .pipeline import load_model_and_engine, segment_file
+    from SpineContextSegLib.inference.pipeline import load_model_and_engine, segment_file
 
     if args.sample:
         if args.input:
@@ -199,8 +195,8 @@ def _run_segment(args: argparse.Namespace, reporter, stop) -> int:
 def _run_mesh(args: argparse.Namespace, reporter, stop) -> int:
     import SimpleITK as sitk
 
-    from .imageio import read_image
-    from .meshing import mesh_labelmap_to_stl
+    from SpineContextSegLib.io.images import read_image
+    from SpineContextSegLib.io.meshing import mesh_labelmap_to_stl
 
     if not os.path.exists(args.labelmap):
         raise SegmentationError("input_not_found", f"Label map not found: {args.labelmap}.")
@@ -214,7 +210,7 @@ def _run_mesh(args: argparse.Namespace, reporter, stop) -> int:
 
 
 def _run_export(args: argparse.Namespace, reporter, stop) -> int:
-    from .model_files import export_checkpoint
+    from SpineContextSegLib.inference.model_files import export_checkpoint
 
     overrides = {}
     if args.patch:
@@ -240,14 +236,14 @@ def _run_quantize(args: argparse.Namespace, reporter, stop) -> int:
         import onnxruntime.quantization  # noqa: F401
     except ImportError as error:
         raise SegmentationError("engine_missing", f"`quantize` needs onnx and onnxruntime ({error}): pip install onnx onnxruntime.") from None
-    from .quantize import run
+    from SpineContextSegLib.training.quantize import run
 
     return run(args)
 
 
 def _run_info(args: argparse.Namespace, reporter, stop) -> int:
-    from .engine import create_engine
-    from .model_files import load_model
+    from SpineContextSegLib.inference.engine import create_engine
+    from SpineContextSegLib.inference.model_files import load_model
 
     bundle = load_model(args.model)
     card = bundle.card
@@ -263,7 +259,7 @@ def _run_info(args: argparse.Namespace, reporter, stop) -> int:
         f"scores:      {json.dumps(card.scores) if card.scores else '-'}",
     ]
     if card.int8.get("agreement"):
-        from .model_files import INT8_MIN_AGREEMENT_DICE, int8_agreement_holds
+        from SpineContextSegLib.inference.model_files import INT8_MIN_AGREEMENT_DICE, int8_agreement_holds
 
         lowest = min(float(value) for value in card.int8["agreement"].values())
         verdict = "--precision auto may use it" if int8_agreement_holds(card) else f"below {INT8_MIN_AGREEMENT_DICE}: only with --precision int8"
@@ -322,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_run_export)
 
     quantize = commands.add_parser("quantize", help="model folder -> + model_int8.onnx (INT8 for CPUs without bf16), with its mask agreement in model.json")
-    from .quantize import add_arguments as add_quantize_arguments
+    from SpineContextSegLib.training.quantize import add_arguments as add_quantize_arguments
 
     add_quantize_arguments(quantize)
     quantize.set_defaults(run=_run_quantize)
@@ -335,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_run_info)
 
     for name, module, help_text in (
-        ("train", "training", "train a model (phantoms, VerSe, CTSpine1K, images/labels folders)"),
-        ("evaluate", "evaluate", "score a model or predictions against labels (slab Dice, HD95, ...)"),
-        ("bench", "bench", "time the pipeline against the paper's reference pipeline"),
+        ("train", "training.trainer", "train a model (phantoms, VerSe, CTSpine1K, images/labels folders)"),
+        ("evaluate", "evaluation.evaluate", "score a model or predictions against labels (slab Dice, HD95, ...)"),
+        ("bench", "evaluation.bench", "time the pipeline against the paper's reference pipeline"),
     ):
         sub = commands.add_parser(name, help=help_text)
         try:
@@ -358,8 +354,8 @@ def main(argv: Optional[Sequence[str]] = None, *, process_exit: bool = False) ->
     right after, so once the outcome is reported a stop signal is ignored. Otherwise the caller's
     signal handlers are restored.
     """
-    from .progress import make_reporter
-    from .pipeline import StopCheck
+    from SpineContextSegLib.progress import make_reporter
+    from SpineContextSegLib.inference.pipeline import StopCheck
 
     parser = build_parser()
     args = parser.parse_args(argv)

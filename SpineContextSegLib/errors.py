@@ -203,6 +203,10 @@ class Cancelled(SegmentationError):
         super().__init__(code, message)
 
 
+class UsageError(Exception):
+    """A command line the tool cannot run (a malformed option value): argparse's exit status 2."""
+
+
 def update_readme(path: str) -> None:
     """Replace the generated troubleshooting block of the README at ``path``."""
     with open(path, encoding="utf-8") as handle:

@@ -82,7 +82,7 @@ class JsonLineReporter(ProgressReporter):
         self._last_progress = 0.0
 
     def started(self, **fields: Any) -> None:
-        from . import __version__
+        from SpineContextSegLib import __version__
 
         self.emit({"type": "started", "pid": os.getpid(), "version": __version__, **fields})
 

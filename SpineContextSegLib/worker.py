@@ -10,7 +10,7 @@ from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None, *, process_exit: bool = False) -> int:
-    from .cli import main as cli_main
+    from SpineContextSegLib.cli import main as cli_main
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     return cli_main(["segment", "--progress", "json", *arguments], process_exit=process_exit)

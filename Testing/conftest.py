@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from SpineContextSegLib.engine import InferenceEngine  # noqa: E402  (after the path is set)
+from SpineContextSegLib.inference.engine import InferenceEngine  # noqa: E402  (after the path is set)
 
 SAMPLE_CT = os.path.join(ROOT, "SpineContextSegLib", "resources", "sample", "ct.nii.gz")
 
@@ -25,8 +25,8 @@ def make_tiny_model(directory: str, *, spacing_mm=(4.0, 4.0, 4.0), patch_size=(1
     import torch
 
     from SpineContextSegLib.labels import SPINE
-    from SpineContextSegLib.model_files import ModelCard, export_model
-    from SpineContextSegLib.network import SpineContextResUNet
+    from SpineContextSegLib.inference.model_files import ModelCard, export_model
+    from SpineContextSegLib.inference.network import SpineContextResUNet
 
     torch.manual_seed(seed)
     kwargs = {"widths": [4, 8, 8], "bottleneck_channels": 8, "dilations": [1, 2, 4, 8]}
@@ -101,7 +101,7 @@ class BoneThresholdEngine(InferenceEngine):
 @pytest.fixture
 def bundle(tiny_model_dir):
     """The tiny random model, loaded (pairs with :class:`BoneThresholdEngine` in pipeline tests)."""
-    from SpineContextSegLib.model_files import load_model
+    from SpineContextSegLib.inference.model_files import load_model
 
     return load_model(tiny_model_dir)
 

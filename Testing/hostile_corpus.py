@@ -207,7 +207,7 @@ def _two_channel_onnx(path: str) -> None:
 def _model_variant(source: str, target: str, *, onnx_bytes: Optional[bytes] = None, card_edit=None, card_text: Optional[str] = None,
                    keep_card: bool = True, update_checksum: bool = True) -> str:
     """Copy a model folder and damage it: new model.onnx bytes, an edited or replaced model.json."""
-    from SpineContextSegLib.model_files import sha256_of_file
+    from SpineContextSegLib.inference.model_files import sha256_of_file
 
     os.makedirs(target, exist_ok=True)
     shutil.copy(os.path.join(source, "model.onnx"), os.path.join(target, "model.onnx"))
@@ -684,7 +684,7 @@ def _runner_main(spec_path: str, results_path: str) -> int:
 def evaluate(case: Case, outcome: Outcome, before_inputs: Dict[str, str], before_listing: Dict[str, List[str]]) -> Verdict:
     """Check one case's outcome against its expectation and the corpus invariants."""
     from SpineContextSegLib.errors import ERROR_CODES
-    from SpineContextSegLib.fileio import TEMP_PREFIX
+    from SpineContextSegLib.io.files import TEMP_PREFIX
     from SpineContextSegLib.progress import decode_message
 
     problems: List[str] = []
@@ -766,7 +766,7 @@ def _check_result(case: Case, messages: List[dict]) -> List[str]:
     """The mask exists, is uint8 in {0, 1}, and lies on exactly the reference's grid."""
     import SimpleITK as sitk
 
-    from SpineContextSegLib.imageio import read_image
+    from SpineContextSegLib.io.images import read_image
 
     problems = []
     if not case.human:

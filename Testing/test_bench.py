@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.bench import repository_tile_starts
+from SpineContextSegLib.evaluation.bench import repository_tile_starts
 
 from conftest import make_ct_image
 
@@ -40,7 +40,7 @@ def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_m
 
 
 def test_ground_truth_dice_scores_against_a_label_map_file(tmp_path):
-    from SpineContextSegLib.bench import ground_truth_dice
+    from SpineContextSegLib.evaluation.bench import ground_truth_dice
 
     truth = np.zeros((20, 20, 20), np.uint8)
     truth[5:15, 5:15, 5:15] = 1
@@ -59,7 +59,7 @@ def test_peak_rss_of_a_variant_child_is_its_own_not_the_parents():
     import sys
 
     ballast = np.ones(400 * 2**20, dtype=np.uint8)  # 400 MB held by this (parent) process
-    code = "from SpineContextSegLib.bench import peak_rss_mb; print(peak_rss_mb())"
+    code = "from SpineContextSegLib.evaluation.bench import peak_rss_mb; print(peak_rss_mb())"
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert ballast.sum() == ballast.size
     if sys.platform.startswith("linux"):

@@ -1,4 +1,4 @@
-"""Dataset discovery, label mapping and grids of SpineContextSegLib.datasets, on tiny fake trees."""
+"""Dataset discovery, label mapping and grids of SpineContextSegLib.io.datasets, on tiny fake trees."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.datasets import Case, find_cases, guess_label_format, on_grid_of, patient_level_split
+from SpineContextSegLib.io.datasets import Case, find_cases, guess_label_format, on_grid_of, patient_level_split
 from SpineContextSegLib.errors import SegmentationError
 
 SHAPE = (6, 8, 10)  # numpy (z, y, x)

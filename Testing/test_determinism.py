@@ -24,8 +24,8 @@ import SimpleITK as sitk
 
 from conftest import ROOT, make_ct_image, make_tiny_model
 
-from SpineContextSegLib.engine import InferenceEngine, create_engine
-from SpineContextSegLib.pipeline import SegmentOptions, segment_image
+from SpineContextSegLib.inference.engine import InferenceEngine, create_engine
+from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_image
 
 ENGINES = [("onnxruntime", 1, "fp32"), ("onnxruntime", 2, "fp32"), ("openvino", 1, "fp32"), ("openvino", 2, "fp32"), ("openvino", 2, "bf16"), ("torch", 2, "fp32")]
 

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from SpineContextSegLib.errors import ERROR_CODES, SegmentationError
-from SpineContextSegLib.pipeline import SegmentOptions, segment_file
+from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_file
 
 from conftest import ROOT, BoneThresholdEngine, make_ct_image
 
@@ -158,7 +158,7 @@ def test_a_dicom_series_segments_into_a_dicom_seg_referencing_its_slices(tmp_pat
 )
 def test_a_vertebra_label_map_round_trips_per_segment_with_its_codes(tmp_path, direction):
     pytest.importorskip("highdicom")
-    from SpineContextSegLib.imageio import read_image, write_labelmap
+    from SpineContextSegLib.io.images import read_image, write_labelmap
     from SpineContextSegLib.labels import vertebra_by_verse_id
 
     series = write_ct_series(str(tmp_path / "ct"), synthetic_ct((48, 40, 16)), direction=direction, reverse_names=True)
@@ -179,7 +179,7 @@ def test_a_vertebra_label_map_round_trips_per_segment_with_its_codes(tmp_path, d
 
 def test_the_vertebrae_task_writes_one_segment_per_named_vertebra(tmp_path, bundle):
     pytest.importorskip("highdicom")
-    from SpineContextSegLib.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.phantom import generate_phantom
 
     phantom = generate_phantom(4, first_level="T12", last_level="L3", spacing_mm=3.0, field_of_view="spine", noise_hu=10.0, screws=False)
     series = write_ct_series(
@@ -219,7 +219,7 @@ def test_the_command_line_writes_a_dicom_seg_roi_and_centreline_for_a_dicom_fold
 
 def test_a_seg_written_into_the_ct_folder_leaves_it_one_series(tmp_path):
     pytest.importorskip("highdicom")
-    from SpineContextSegLib.imageio import dicom_series_ids, read_image, write_labelmap
+    from SpineContextSegLib.io.images import dicom_series_ids, read_image, write_labelmap
 
     series = write_ct_series(str(tmp_path / "ct"), synthetic_ct((32, 32, 8)))
     ct = read_image(str(tmp_path / "ct"))
@@ -258,7 +258,7 @@ def test_the_command_line_says_what_to_do_for_a_dicom_seg_of_a_nifti(tmp_path, t
 
 def test_a_missing_highdicom_is_a_clear_environment_error(tmp_path, monkeypatch):
     pytest.importorskip("pydicom")
-    from SpineContextSegLib.dicom_seg import check_dicom_seg_output
+    from SpineContextSegLib.io.dicom_seg import check_dicom_seg_output
 
     write_ct_series(str(tmp_path / "ct"), synthetic_ct((32, 32, 4)))
     monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom -> ImportError

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from SpineContextSegLib.engine import OnnxRuntimeEngine, create_engine
+from SpineContextSegLib.inference.engine import OnnxRuntimeEngine, create_engine
 from SpineContextSegLib.errors import SegmentationError
-from SpineContextSegLib.model_files import load_model, sha256_of_file
+from SpineContextSegLib.inference.model_files import load_model, sha256_of_file
 
 torch = pytest.importorskip("torch")
 
@@ -41,7 +41,7 @@ def test_openvino_reads_the_same_onnx_file(tmp_path):
 def test_auto_engine_falls_back_to_onnxruntime_where_openvino_cannot_compile(tiny_model_dir, monkeypatch, caplog):
     """OpenVINO is a default dependency, also where it may not run: auto costs speed there, not the run."""
     pytest.importorskip("openvino")
-    from SpineContextSegLib import engine as engine_module
+    from SpineContextSegLib.inference import engine as engine_module
 
     bundle = load_model(tiny_model_dir)
     assert create_engine(bundle, engine="auto", device="cpu").name == "openvino"
@@ -104,8 +104,8 @@ def test_missing_model_folder(tmp_path):
 
 def test_a_model_with_the_wrong_input_channels_is_refused(tmp_path):
     from SpineContextSegLib.labels import SPINE
-    from SpineContextSegLib.model_files import ModelCard, export_model
-    from SpineContextSegLib.network import SpineContextResUNet
+    from SpineContextSegLib.inference.model_files import ModelCard, export_model
+    from SpineContextSegLib.inference.network import SpineContextResUNet
 
     card = ModelCard(
         name="two-channel", version="0", task="spine", architecture="SpineContextResUNet",

@@ -1,4 +1,4 @@
-"""Tests of SpineContextSegLib.evaluate: scoring cases, CSV/Markdown, the ``evaluate`` command."""
+"""Tests of SpineContextSegLib.evaluation.evaluate: scoring cases, CSV/Markdown, the ``evaluate`` command."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib import evaluate, metrics
+from SpineContextSegLib.evaluation import evaluate, metrics
 from SpineContextSegLib.errors import SegmentationError
 
 SPACING_XYZ = (0.8, 0.8, 1.5)
@@ -169,7 +169,7 @@ def _write_dataset(root):
 
 @pytest.fixture
 def stand_in_datasets(monkeypatch):
-    """A stand-in for SpineContextSegLib.datasets: a case is a folder with ct.nii.gz and labels.nii.gz."""
+    """A stand-in for SpineContextSegLib.io.datasets: a case is a folder with ct.nii.gz and labels.nii.gz."""
 
     class FolderCase(StandInCase):
         def __init__(self, folder):
@@ -187,9 +187,9 @@ def stand_in_datasets(monkeypatch):
             return [FolderCase(root)]
         return [FolderCase(os.path.join(root, name)) for name in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, name, "ct.nii.gz"))]
 
-    module = types.ModuleType("SpineContextSegLib.datasets")
+    module = types.ModuleType("SpineContextSegLib.io.datasets")
     module.find_cases = find_cases
-    monkeypatch.setitem(sys.modules, "SpineContextSegLib.datasets", module)
+    monkeypatch.setitem(sys.modules, "SpineContextSegLib.io.datasets", module)
     return module
 
 
@@ -275,7 +275,7 @@ def test_vertebra_evaluation_scores_identification_and_per_vertebra_dice():
     import numpy as np
     import SimpleITK as sitk
 
-    from SpineContextSegLib.evaluate import evaluate_vertebra_cases
+    from SpineContextSegLib.evaluation.evaluate import evaluate_vertebra_cases
 
     labels = np.zeros((60, 20, 20), np.uint8)
     for index, verse_id in enumerate((20, 21, 22)):  # L1-L3 stacked along z (LPS: z superior)

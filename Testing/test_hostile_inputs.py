@@ -38,11 +38,11 @@ import hostile_corpus
 from conftest import ROOT, make_ct_image
 from hostile_corpus import build_corpus, evaluate, listing, run_grouped, run_own_process, snapshot
 
-from SpineContextSegLib import fileio, imageio
-from SpineContextSegLib.engine import InferenceEngine, is_out_of_memory
+from SpineContextSegLib.io import files as fileio, images as imageio
+from SpineContextSegLib.inference.engine import InferenceEngine, is_out_of_memory
 from SpineContextSegLib.errors import ERROR_CODES, SegmentationError, troubleshooting_markdown
-from SpineContextSegLib.model_files import load_model
-from SpineContextSegLib.pipeline import SegmentOptions, segment_file, segment_image
+from SpineContextSegLib.inference.model_files import load_model
+from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_file, segment_image
 from SpineContextSegLib.progress import JsonLineReporter, decode_message
 from test_pipeline import BoneThresholdEngine  # the stand-in network: bone (HU > 250) is spine
 
@@ -248,7 +248,7 @@ def test_other_engine_failures_are_not_mistaken_for_memory(bundle):
 
 
 def test_memory_is_checked_before_resampling(tmp_path, bundle, monkeypatch):
-    from SpineContextSegLib import preprocessing
+    from SpineContextSegLib.inference import preprocessing
 
     monkeypatch.setattr(imageio, "available_memory_bytes", lambda: 100_000)
     monkeypatch.setattr(preprocessing, "to_canonical", lambda *a, **k: pytest.fail("resampled before the memory check"))
@@ -362,7 +362,7 @@ def test_stale_temporary_files_of_dead_runs_are_removed_and_live_ones_kept(tmp_p
 
 
 def test_cuda_requested_without_cuda_is_a_clear_error(bundle):
-    from SpineContextSegLib.engine import create_engine
+    from SpineContextSegLib.inference.engine import create_engine
 
     if _cuda_provider_present():
         pytest.skip("onnxruntime has a CUDA provider here")

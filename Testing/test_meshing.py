@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib import meshing
+from SpineContextSegLib.io import meshing
 from SpineContextSegLib.errors import Cancelled, SegmentationError
 
 SPACING = (0.8, 1.1, 1.6)  # anisotropic, mm

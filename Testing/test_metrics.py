@@ -1,4 +1,4 @@
-"""Tests of SpineContextSegLib.metrics: overlap, surface distances, S-I axis, slab, identification."""
+"""Tests of SpineContextSegLib.evaluation.metrics: overlap, surface distances, S-I axis, slab, identification."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial import cKDTree
 
-from SpineContextSegLib import metrics
+from SpineContextSegLib.evaluation import metrics
 
 # --------------------------------------------------------------------------- overlap
 

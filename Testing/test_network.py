@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from SpineContextSegLib.network import (  # noqa: E402
+from SpineContextSegLib.inference.network import (  # noqa: E402
     ContextBlock,
     ResidualBlock,
     ResUNet,

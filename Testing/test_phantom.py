@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER, SACRUM_ID
-from SpineContextSegLib.phantom import TISSUE_CODES, generate_phantom
+from SpineContextSegLib.phantoms.phantom import TISSUE_CODES, generate_phantom
 
 CLEAN = dict(noise_hu=0.0, blur_mm=0.0)
 
@@ -213,7 +213,7 @@ def thorax_real():
 
 
 def test_bone_shapes_sit_in_the_vertebra_frame():
-    from SpineContextSegLib.bone_shapes import load_bone_shapes
+    from SpineContextSegLib.phantoms.bone_shapes import load_bone_shapes
 
     shapes = load_bone_shapes()
     assert set(map(str, range(8, 25))) <= set(shapes) and "scapula" in shapes

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.engine import InferenceEngine
+from SpineContextSegLib.inference.engine import InferenceEngine
 from SpineContextSegLib.errors import Cancelled, SegmentationError
-from SpineContextSegLib.model_files import load_model
-from SpineContextSegLib.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
-from SpineContextSegLib.postprocess import clean_probability
+from SpineContextSegLib.inference.model_files import load_model
+from SpineContextSegLib.inference.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
+from SpineContextSegLib.inference.postprocess import clean_probability
 
 from conftest import BoneThresholdEngine, make_ct_image, warning_recorder
 
@@ -173,8 +173,8 @@ def test_output_equal_to_input_is_refused(tmp_path, bundle):
 
 
 def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table():
-    from SpineContextSegLib.phantom import generate_phantom
-    from SpineContextSegLib.pipeline import _name_vertebrae
+    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.inference.pipeline import _name_vertebrae
 
     phantom = generate_phantom(21, first_level="L1", last_level="S", spacing_mm=(2.0, 2.0, 2.0), field_of_view="torso", noise_hu=10.0)
     recorder, warnings = warning_recorder()
@@ -194,7 +194,7 @@ def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table(
 
 
 def test_outputs_get_ordinary_file_permissions(tmp_path):
-    from SpineContextSegLib.fileio import atomic_output
+    from SpineContextSegLib.io.files import atomic_output
 
     previous = os.umask(0o022)
     try:
@@ -269,7 +269,7 @@ class VertebraCodeEngine(InferenceEngine):
 
 def vertebrae_bundle(spacing_mm=2.0):
     from SpineContextSegLib.labels import VERTEBRAE
-    from SpineContextSegLib.model_files import ModelBundle, ModelCard
+    from SpineContextSegLib.inference.model_files import ModelBundle, ModelCard
 
     card = ModelCard(
         name="vertebra-code", version="0", task="vertebrae", architecture="SpineContextResUNet", labels=[v.to_json() for v in VERTEBRAE],
@@ -307,7 +307,7 @@ def test_a_vertebrae_network_names_the_split_mask_and_its_sacrum_channel_stays_o
 
 
 def test_memory_estimate_counts_a_stitching_accumulator_per_extra_output_channel():
-    from SpineContextSegLib.imageio import estimate_segmentation_memory_bytes
+    from SpineContextSegLib.io.images import estimate_segmentation_memory_bytes
 
     image = sitk.Image([100, 80, 60], sitk.sitkInt16)
     image.SetSpacing((1.0, 1.0, 2.0))
@@ -328,7 +328,7 @@ def test_a_surface_path_without_stl_extension_is_refused_before_the_network_runs
 
 def test_a_bundle_passed_alone_is_the_model_that_runs(tiny_model_dir, monkeypatch):
     """Passing a model bundle without an engine must run that model, not silently the one options name."""
-    import SpineContextSegLib.pipeline as pipeline_module
+    import SpineContextSegLib.inference.pipeline as pipeline_module
 
     bundle = load_model(tiny_model_dir)
     original, seen = pipeline_module.load_model_and_engine, []

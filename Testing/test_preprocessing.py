@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from SpineContextSegLib.preprocessing import (
+from SpineContextSegLib.inference.preprocessing import (
     body_bounding_box,
     canonical_reference,
     hu_to_unit_interval,
@@ -132,7 +132,7 @@ def test_body_bounding_box_excludes_air_and_keeps_a_margin():
 )
 def test_threshold_on_input_grid_equals_resampling_the_whole_grid(angles, flips, spacing):
     """The bounding-box shortcut must give exactly the mask a full resampling gives."""
-    from SpineContextSegLib.preprocessing import threshold_on_input_grid
+    from SpineContextSegLib.inference.preprocessing import threshold_on_input_grid
 
     image = sitk.Image([30, 26, 22], sitk.sitkInt16)
     image.SetSpacing(spacing)

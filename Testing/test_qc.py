@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib import qc
+from SpineContextSegLib.io import qc
 from SpineContextSegLib.errors import SegmentationError
 
 # A synthetic patient in physical LPS mm (x: patient's left, y: posterior, z: superior).

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
-from SpineContextSegLib import engine as engine_module  # noqa: E402
+from SpineContextSegLib.inference import engine as engine_module  # noqa: E402
 from SpineContextSegLib.cli import main  # noqa: E402
-from SpineContextSegLib.engine import create_engine, resolve_precision  # noqa: E402
+from SpineContextSegLib.inference.engine import create_engine, resolve_precision  # noqa: E402
 from SpineContextSegLib.errors import EXIT_MODEL, SegmentationError  # noqa: E402
-from SpineContextSegLib.model_files import (  # noqa: E402
+from SpineContextSegLib.inference.model_files import (  # noqa: E402
     BUNDLED_MODEL_DIR, INT8_FILE, INT8_MIN_AGREEMENT_DICE, load_model, sha256_of_file, write_card,
 )
 
@@ -146,10 +146,10 @@ def test_int8_mask_of_the_bundled_model_agrees_with_fp32_on_a_phantom(tmp_path):
     """Quantise the trained model (calibration: one phantom) and compare masks on another phantom."""
     import SimpleITK as sitk
 
-    from SpineContextSegLib.metrics import dice
-    from SpineContextSegLib.phantom import generate_phantom
-    from SpineContextSegLib.pipeline import SegmentOptions, segment_image
-    from SpineContextSegLib.quantize import quantize_model
+    from SpineContextSegLib.evaluation.metrics import dice
+    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_image
+    from SpineContextSegLib.training.quantize import quantize_model
 
     phantom_path = str(tmp_path / "phantom.nii.gz")
     sitk.WriteImage(generate_phantom(5, spacing_mm=2.0, first_level="T12", last_level="L3", field_of_view="spine").ct, phantom_path)

@@ -507,7 +507,7 @@ def test_spine_roi_and_centreline_become_markups_in_place_under_the_input_transf
     import SimpleITK as sitk
 
     from SpineContextSegLib.labels import labels_for_task
-    from SpineContextSegLib.spine_geometry import spine_centreline, spine_roi, write_json
+    from SpineContextSegLib.inference.spine_geometry import spine_centreline, spine_roi, write_json
 
     shape = (60, 40, 36)  # k j i
     ijk_to_ras = oblique_ijk_to_ras(spacing=(1.5, 1.5, 2.0), angle_deg=20.0)

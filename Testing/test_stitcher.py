@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SpineContextSegLib.stitcher import gaussian_importance_map, sliding_window_inference, tile_grid, tile_starts
+from SpineContextSegLib.inference.stitcher import gaussian_importance_map, sliding_window_inference, tile_grid, tile_starts
 
 
 def test_importance_map_peaks_at_the_centre_and_is_positive():

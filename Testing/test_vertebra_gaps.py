@@ -13,9 +13,9 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-from SpineContextSegLib import vertebrae  # noqa: E402
+from SpineContextSegLib.anatomy import vertebrae  # noqa: E402
 from SpineContextSegLib.labels import vertebra_by_name, vertebra_by_verse_id  # noqa: E402
-from SpineContextSegLib.phantom import generate_phantom  # noqa: E402
+from SpineContextSegLib.phantoms.phantom import generate_phantom  # noqa: E402
 
 from conftest import warning_recorder  # noqa: E402
 
@@ -99,7 +99,7 @@ def test_vertebrae_in_pieces_are_not_counted_as_levels(chest):
 
 
 def test_a_lumbar_crop_without_anchor_is_flagged_and_not_confident():
-    from SpineContextSegLib.pipeline import _name_vertebrae
+    from SpineContextSegLib.inference.pipeline import _name_vertebrae
 
     phantom = generate_phantom(5, spacing_mm=(2.5, 2.5, 2.5), first_level="L2", last_level="L4", field_of_view="spine")
     # cut the scan to the three vertebrae: no ribs, no sacrum, no skull base in view
@@ -171,7 +171,7 @@ def test_find_peaks_matches_scipy_signal():
 
 
 def _warnings_of_naming(ct, mask):
-    from SpineContextSegLib.pipeline import _name_vertebrae
+    from SpineContextSegLib.inference.pipeline import _name_vertebrae
 
     recorder, warnings = warning_recorder()
     _name_vertebrae(mask, ct, recorder, {})
@@ -192,7 +192,7 @@ def test_slices_too_thick_to_show_discs_are_flagged(chest):
 
 
 def test_the_cranio_caudal_spacing_follows_the_head_foot_axis_not_the_last_index():
-    from SpineContextSegLib.pipeline import cranio_caudal_spacing_mm
+    from SpineContextSegLib.inference.pipeline import cranio_caudal_spacing_mm
 
     image = sitk.Image(4, 5, 6, sitk.sitkInt16)
     image.SetSpacing((3.0, 0.8, 0.7))

@@ -1,4 +1,4 @@
-"""Vertebra splitting and naming (SpineContextSegLib.vertebrae) on small synthetic spines.
+"""Vertebra splitting and naming (SpineContextSegLib.anatomy.vertebrae) on small synthetic spines.
 
 The synthetic spine lives on the canonical grid (numpy axis 0 inferior->superior, axis 1
 anterior->posterior, axis 2 right->left): elliptic vertebral bodies separated by discs
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineContextSegLib import vertebrae
+from SpineContextSegLib.anatomy import vertebrae
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER
 

@@ -21,7 +21,7 @@ STAGES = ("resample", "split", "evidence", "naming", "sacrum", "map_back")
 
 
 def chest_phantom(seed: int):
-    from SpineContextSegLib.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.phantom import generate_phantom
 
     phantom = generate_phantom(seed, spacing_mm=(0.7, 0.7, 2.5), first_level="C7", last_level="L2", field_of_view="torso")
     return f"chest phantom (seed {seed}, C7-L2)", phantom.ct, phantom.spine_mask
@@ -33,7 +33,7 @@ def model_mask(case_dir: str, cache: str):
     ct = sitk.ReadImage(os.path.join(case_dir, "ct.nii.gz"))
     path = os.path.join(cache, os.path.basename(os.path.normpath(case_dir)) + "_mask.nii.gz")
     if not os.path.exists(path):
-        from SpineContextSegLib.pipeline import SegmentOptions, load_model_and_engine, segment_image
+        from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
 
         options = SegmentOptions(task="spine")
         bundle, engine = load_model_and_engine(options)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import scipy.ndimage  # noqa: F401  (loaded by the pipeline before it labels)
     import SimpleITK as sitk
 
-    from SpineContextSegLib.vertebrae import label_vertebrae
+    from SpineContextSegLib.anatomy.vertebrae import label_vertebrae
 
     cases = [chest_phantom(args.seed)] + [model_mask(folder, args.cache) for folder in args.real if os.path.isdir(folder)]
     print("| case | CT voxels | mask voxels | working grid (mm) | run | " + " | ".join(STAGES) + " | total (s) | names |")

@@ -32,8 +32,8 @@ STEPS = {
 
 
 def main(argv=None) -> int:
-    from SpineContextSegLib.bench import dice_between, ground_truth_dice, reference_segment
-    from SpineContextSegLib.pipeline import SegmentOptions, segment_file
+    from SpineContextSegLib.evaluation.bench import dice_between, ground_truth_dice, reference_segment
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_file
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+")

@@ -23,10 +23,10 @@ OVERLAPS = (0.25, 0.5)
 def main(argv=None) -> int:
     import SimpleITK as sitk
 
-    from SpineContextSegLib.imageio import read_image
+    from SpineContextSegLib.io.images import read_image
     from SpineContextSegLib.labels import vertebra_by_verse_id
-    from SpineContextSegLib.metrics import dice
-    from SpineContextSegLib.pipeline import SegmentOptions, load_model_and_engine, segment_image
+    from SpineContextSegLib.evaluation.metrics import dice
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cts", nargs="+")

@@ -17,7 +17,7 @@ highdicom (the optional extra ``pip install "spinecontextseg[dicom]"``):
 - **BINARY** segmentation type (1 bit per voxel and segment); empty frames are omitted.
 
 The file is written under a temporary name beside the target and renamed at the end,
-like every output (:func:`SpineContextSegLib.fileio.atomic_output`).
+like every output (:func:`SpineContextSegLib.io.files.atomic_output`).
 
 Whether a DICOM SEG can be written is decided before any computing
 (:func:`check_dicom_seg_output`): the input must be a DICOM series folder (a NIfTI/NRRD
@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
-    from .labels import LabelInfo
+    from SpineContextSegLib.labels import LabelInfo
 
 #: Algorithm identification written into every segment.
 ALGORITHM_NAME = "SpineContextSeg"
@@ -116,7 +116,7 @@ def check_dicom_seg_output(path: str, source: Optional[str], series_uid: Optiona
             f"Cannot write the DICOM SEG {os.path.basename(path)}: {what}, and a DICOM SEG must reference the CT's DICOM slices. "
             f"Pass the folder holding the CT's .dcm files, or write the mask as .nii.gz, .nrrd or .seg.nrrd.",
         )
-    from .imageio import dicom_series_files
+    from SpineContextSegLib.io.images import dicom_series_files
 
     files = dicom_series_files(source, series_uid)  # dicom_no_series / dicom_multiple_series
     if os.path.exists(path) and any(os.path.samefile(path, name) for name in files):
@@ -180,7 +180,7 @@ def _cielab_value(highdicom, color_rgb: Sequence[float]) -> Tuple[int, int, int]
 
 def _labels_for_values(values: Sequence[int], labels: Sequence["LabelInfo"]) -> List["LabelInfo"]:
     """The label of every value present (in the order of ``labels``); defaults for a bare mask."""
-    from .labels import SPINE, vertebra_by_verse_id
+    from SpineContextSegLib.labels import SPINE, vertebra_by_verse_id
 
     by_value = {int(label.value): label for label in labels}
     if not by_value:
@@ -247,7 +247,7 @@ def write_dicom_seg(
     ----------
     mask : SimpleITK.Image
         Label map read from / computed on the series in ``source`` (same size, spacing,
-        origin and direction as :func:`SpineContextSegLib.imageio.read_image` gives).
+        origin and direction as :func:`SpineContextSegLib.io.images.read_image` gives).
     path : str
         Output ``.dcm`` path; written atomically.
     labels : sequence of LabelInfo
@@ -273,9 +273,9 @@ def write_dicom_seg(
     """
     import SimpleITK as sitk
 
-    from . import __version__
-    from .fileio import atomic_output
-    from .imageio import dicom_series_files
+    from SpineContextSegLib import __version__
+    from SpineContextSegLib.io.files import atomic_output
+    from SpineContextSegLib.io.images import dicom_series_files
 
     check_dicom_seg_output(path, source, series_uid)
     if source is None or not os.path.isdir(source):  # a missing source: check_dicom_seg_output left it to the reader
@@ -314,7 +314,7 @@ def write_dicom_seg(
     algorithm = highdicom.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, family=codes.cid7162.ArtificialIntelligence, version=str(__version__), parameters=parameters
     )
-    from .labels import CATEGORY_CODE
+    from SpineContextSegLib.labels import CATEGORY_CODE
 
     descriptions = []
     for number, label in enumerate(segment_labels, start=1):

@@ -30,7 +30,8 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from .errors import SegmentationError
+from SpineContextSegLib import PACKAGE_DIR
+from SpineContextSegLib.errors import SegmentationError
 
 STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "write", "mesh")
 
@@ -74,13 +75,13 @@ def reference_segment(
     import SimpleITK as sitk
     import torch
 
-    from .imageio import read_image, write_labelmap
-    from .labels import SPINE
-    from .meshing import mesh_labelmap_to_stl
-    from .model_files import build_network_from_card, load_model
-    from .network import with_output_activation
-    from .preprocessing import hu_to_unit_interval, resample_to_reference, to_canonical
-    from .stitcher import gaussian_importance_map
+    from SpineContextSegLib.io.images import read_image, write_labelmap
+    from SpineContextSegLib.labels import SPINE
+    from SpineContextSegLib.io.meshing import mesh_labelmap_to_stl
+    from SpineContextSegLib.inference.model_files import build_network_from_card, load_model
+    from SpineContextSegLib.inference.network import with_output_activation
+    from SpineContextSegLib.inference.preprocessing import hu_to_unit_interval, resample_to_reference, to_canonical
+    from SpineContextSegLib.inference.stitcher import gaussian_importance_map
 
     timings: Dict[str, float] = {}
     clock = time.perf_counter()
@@ -138,7 +139,7 @@ def reference_segment(
 
 def run_variant(variant: str, input_path: str, output_path: str, model_dir: Optional[str], threads: Optional[int]) -> Dict[str, object]:
     """Run one variant in this process (the child); returns timings and peak RSS."""
-    from .pipeline import SegmentOptions, segment_file
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_file
 
     stl_path = os.path.splitext(output_path)[0] + ".stl"
     start = time.perf_counter()
@@ -178,12 +179,12 @@ def peak_rss_mb() -> Optional[float]:
 
 
 def _child(variant: str, input_path: str, output_path: str, model_dir: Optional[str], threads: Optional[int]) -> Dict[str, object]:
-    command = [sys.executable, "-m", "SpineContextSegLib.bench", "--child", variant, input_path, output_path]
+    command = [sys.executable, "-m", "SpineContextSegLib.evaluation.bench", "--child", variant, input_path, output_path]
     if model_dir:
         command += ["--model", model_dir]
     if threads:
         command += ["--threads", str(threads)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(PACKAGE_DIR)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
@@ -196,7 +197,7 @@ def full_size_phantom(path: str, seed: int = 7) -> str:
     """A 512x512x400 CT at 0.78x0.78x1 mm from the phantom generator (timing input, T6 to sacrum, cropped)."""
     import SimpleITK as sitk
 
-    from .phantom import generate_phantom
+    from SpineContextSegLib.phantoms.phantom import generate_phantom
 
     if not os.path.exists(path):
         phantom = generate_phantom(seed, spacing_mm=(0.78125, 0.78125, 1.0), first_level=13, last_level=26, field_of_view="torso")
@@ -231,7 +232,7 @@ def ground_truth_dice(mask_path: str, case) -> Optional[float]:
     whole-volume Dice), or None (no ground truth)."""
     import SimpleITK as sitk
 
-    from .metrics import score_masks
+    from SpineContextSegLib.evaluation.metrics import score_masks
 
     if case is None:
         return None
@@ -277,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _collect_cases(paths: List[str]):
-    from .datasets import find_cases
+    from SpineContextSegLib.io.datasets import find_cases
 
     cases = []
     for path in paths:
@@ -294,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants: {unknown}")
-    from .model_files import load_model
+    from SpineContextSegLib.inference.model_files import load_model
 
     task = load_model(args.model).card.task
     if task != "spine":  # the reference rebuilds the paper's binary pipeline

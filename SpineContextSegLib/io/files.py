@@ -19,7 +19,7 @@ import socket
 import tempfile
 from typing import Iterator, List
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 #: Prefix of every temporary file this library creates beside an output, so leftovers are recognisable.
 TEMP_PREFIX = ".scs-tmp-"

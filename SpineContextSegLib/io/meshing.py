@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from .errors import SegmentationError
-from .fileio import atomic_output, check_output_location
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.io.files import atomic_output, check_output_location
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import SimpleITK as sitk
@@ -595,7 +595,7 @@ def mesh_labelmap_to_stl(
     SegmentationError
         ``no_spine_found`` when none of the selected labels has a voxel;
         ``output_format`` when ``out_path`` does not end in ``.stl``; the output
-        codes of :mod:`~SpineContextSegLib.fileio`. On failure, files written by this
+        codes of :mod:`~SpineContextSegLib.io.files`. On failure, files written by this
         call are removed, so a run leaves all its files or none.
     """
     _check_label_image(label_image)

@@ -83,8 +83,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import SegmentationError
-from .labels import (
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.labels import (
     L6_ID,
     SACRUM_ID,
     STANDARD_CHAIN,
@@ -578,7 +578,7 @@ def _draw_anatomy(seed: int, options: PhantomOptions, p: Dict[str, Any]) -> None
     They come from a stream of their own (``default_rng([seed, 1])``), so phantoms of the
     geometric style are the same as before these options existed.
     """
-    from .bone_shapes import load_bone_shapes
+    from SpineContextSegLib.phantoms.bone_shapes import load_bone_shapes
 
     rng = np.random.default_rng([int(seed), 1])
     draws = {
@@ -1161,7 +1161,7 @@ def _real_vertebra(lv: _Level, p: Dict[str, Any], min_radius: float):
     height (times a few per cent of per-level jitter), and thickened on coarse grids the way the
     geometric processes are (``min_radius``), so each label stays one piece.
     """
-    from .bone_shapes import load_bone_shapes
+    from SpineContextSegLib.phantoms.bone_shapes import load_bone_shapes
 
     template = load_bone_shapes().get(str(_SHAPE_OF_LEVEL.get(lv.verse_id, lv.verse_id)))
     if template is None or lv.region == "cervical":
@@ -1396,7 +1396,7 @@ SCAPULA_TURN_DEG = 20.0
 
 def _paint_scapulae(grid: _Grid, levels: List[_Level], p: Dict[str, Any], profile: _Profile):
     """Both scapulae (real shape, the left one mirrored) on the back of the chest, T2-T7."""
-    from .bone_shapes import load_bone_shapes
+    from SpineContextSegLib.phantoms.bone_shapes import load_bone_shapes
 
     template = load_bone_shapes().get("scapula")
     if template is None:

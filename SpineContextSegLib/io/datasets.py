@@ -62,7 +62,7 @@ Grids
 -----
 Every label image comes back on exactly the CT's grid. A label whose header differs from
 the CT's only by round-off (within the tolerances of
-:func:`SpineContextSegLib.metrics.check_same_grid`: spacing 1e-4 relative, origin 1e-3 mm,
+:func:`SpineContextSegLib.evaluation.metrics.check_same_grid`: spacing 1e-4 relative, origin 1e-3 mm,
 direction 1e-4) gets the CT's geometry copied onto it; any other label is resampled onto
 the CT with nearest neighbour (0 outside the label's extent).
 """
@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -146,13 +146,13 @@ class Case:
         Returns
         -------
         ct : SimpleITK.Image, 3D
-            HU, pixel type as stored (checked by :func:`SpineContextSegLib.imageio.read_image`).
+            HU, pixel type as stored (checked by :func:`SpineContextSegLib.io.images.read_image`).
         labels : SimpleITK.Image or None
             Label values as stored (TotalSegmentator ids stay TotalSegmentator ids), on exactly
             the CT's grid; for a ``segmentations/`` folder the uint8 VerSe-id map built from its
             masks. None when the case has no label.
         """
-        from .imageio import read_image
+        from SpineContextSegLib.io.images import read_image
 
         ct = read_image(self.image_path)
         return ct, self._raw_labels_on(_Grid.of_image(ct))
@@ -167,7 +167,7 @@ class Case:
 
     def load_spine_mask(self) -> Optional["sitk.Image"]:
         """uint8 0/1 spine mask on the CT's grid (sacrum excluded, see the module docstring); None without labels."""
-        from .labels import spine_mask_from_vertebra_labels
+        from SpineContextSegLib.labels import spine_mask_from_vertebra_labels
 
         if self.label_path is None:
             return None
@@ -188,7 +188,7 @@ class Case:
         ValueError
             For a spine-only binary mask (it has no vertebra ids) or an unknown ``label_format``.
         """
-        from .labels import totalsegmentator_to_verse, verse_to_verse
+        from SpineContextSegLib.labels import totalsegmentator_to_verse, verse_to_verse
 
         if self.label_format == "binary":
             if self.binary_vertebra_id is None:
@@ -212,7 +212,7 @@ class Case:
 class _Grid:
     """Size, spacing, origin and direction of an image, read from the header only.
 
-    Has the ``Get*`` methods that :func:`SpineContextSegLib.metrics.check_same_grid` reads,
+    Has the ``Get*`` methods that :func:`SpineContextSegLib.evaluation.metrics.check_same_grid` reads,
     so it stands in for the CT without loading its voxels.
     """
 
@@ -295,7 +295,7 @@ def _read_label(path: str) -> "sitk.Image":
 def on_grid_of(label: "sitk.Image", reference, *, what: str = "label") -> "sitk.Image":
     """``label`` on exactly ``reference``'s voxel grid, values unchanged.
 
-    A header within :func:`SpineContextSegLib.metrics.check_same_grid`'s round-off tolerances
+    A header within :func:`SpineContextSegLib.evaluation.metrics.check_same_grid`'s round-off tolerances
     of ``reference`` gets ``reference``'s geometry copied (no resampling); any other grid is
     resampled with nearest neighbour, 0 outside the label's extent.
 
@@ -315,7 +315,7 @@ def on_grid_of(label: "sitk.Image", reference, *, what: str = "label") -> "sitk.
     """
     import SimpleITK as sitk
 
-    from .metrics import GridMismatchError, check_same_grid
+    from SpineContextSegLib.evaluation.metrics import GridMismatchError, check_same_grid
 
     grid = reference if isinstance(reference, _Grid) else _Grid.of_image(reference)
     try:
@@ -336,7 +336,7 @@ def _is_mask_folder(path: Optional[str]) -> bool:
 
 def _verse_ids_from_mask_folder(folder: str, grid: _Grid) -> np.ndarray:
     """uint8 VerSe ids (numpy order, ``grid``) from TotalSegmentator's ``segmentations/<name>.nii.gz`` masks."""
-    from .labels import TOTALSEGMENTATOR_NAME_TO_VERSE
+    from SpineContextSegLib.labels import TOTALSEGMENTATOR_NAME_TO_VERSE
 
     result = np.zeros(grid.size[::-1], dtype=np.uint8)
     for name in sorted(os.listdir(folder)):
@@ -508,7 +508,7 @@ def guess_label_format(label_array: np.ndarray) -> str:
     ----------
     label_array : numpy.ndarray, any shape, integer values
     """
-    from .labels import VERTEBRAE
+    from SpineContextSegLib.labels import VERTEBRAE
 
     values = set(int(v) for v in np.unique(label_array) if v > 0)
     verse_ids = {info.value for info in VERTEBRAE}

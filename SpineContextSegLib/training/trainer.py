@@ -14,7 +14,7 @@ Two tasks (``--task``):
     The second paper's multi-class network: softmax over background + one channel per
     vertebra (:func:`SpineContextSegLib.labels.vertebra_class_ids`: C1-L6, sacrum, T13),
     loss DiceCE (:func:`masked_dice_ce_loss`). Targets are VerSe ids (TotalSegmentator ids
-    mapped by :mod:`SpineContextSegLib.datasets`); cases without vertebra ids are skipped.
+    mapped by :mod:`SpineContextSegLib.io.datasets`); cases without vertebra ids are skipped.
     VerSe and CTSpine1K never label the sacrum, so on a case whose lowest labelled vertebra
     is L5/L6 and that has no sacrum label, everything below that vertebra is left
     unsupervised (:func:`unsupervise_below_unlabelled_sacrum`) instead of taught as background.
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 AIR_UNIT = 0.0  # HU -1000 after windowing: the padding value
 
@@ -104,7 +104,7 @@ def make_training_volume(name: str, patient_id: str, ct, labels, config: TrainCo
     """
     import SimpleITK as sitk
 
-    from .preprocessing import canonical_reference, resample_to_reference
+    from SpineContextSegLib.inference.preprocessing import canonical_reference, resample_to_reference
 
     reference = canonical_reference(ct, [config.spacing_mm] * 3)
     hu = sitk.GetArrayFromImage(resample_to_reference(ct, reference, method="linear", default_value=-1024, pixel_type=sitk.sitkFloat32))
@@ -122,8 +122,8 @@ def training_volume_from_arrays(name: str, patient_id: str, hu: np.ndarray, valu
     ``hu``: float HU; ``values``: spine mask (spine task) or VerSe ids (vertebrae task);
     ``inside``: bool, the voxels the scan covers (only those are supervised).
     """
-    from .labels import verse_ids_to_classes, vertebra_class_ids
-    from .preprocessing import hu_to_unit_interval
+    from SpineContextSegLib.labels import verse_ids_to_classes, vertebra_class_ids
+    from SpineContextSegLib.inference.preprocessing import hu_to_unit_interval
 
     inside = np.array(inside, dtype=bool)
     if config.task == "vertebrae":
@@ -153,7 +153,7 @@ def unsupervise_below_unlabelled_sacrum(verse_labels: np.ndarray, weight: np.nda
     bool
         True when slices were cleared (L5 or L6 is labelled and the sacrum is not).
     """
-    from .labels import L6_ID, SACRUM_ID, vertebra_by_name
+    from SpineContextSegLib.labels import L6_ID, SACRUM_ID, vertebra_by_name
 
     present = np.unique(verse_labels)
     if SACRUM_ID in present:
@@ -168,7 +168,7 @@ def unsupervise_below_unlabelled_sacrum(verse_labels: np.ndarray, weight: np.nda
 
 
 def load_case_volumes(config: TrainConfig) -> List[Tuple[object, TrainingVolume]]:
-    from .datasets import find_cases
+    from SpineContextSegLib.io.datasets import find_cases
 
     loaded = []
     for root in config.data:
@@ -199,7 +199,7 @@ def phantom_volume(seed: int, config: TrainConfig) -> TrainingVolume:
     No resampling and no SimpleITK: that grid is the one :func:`make_training_volume` would
     resample onto, and a GPU machine without SimpleITK can still train on phantoms.
     """
-    from .phantom import generate_phantom_arrays
+    from SpineContextSegLib.phantoms.phantom import generate_phantom_arrays
 
     phantom = generate_phantom_arrays(seed, spacing_mm=(config.spacing_mm,) * 3)
     values = phantom.vertebra_labels if config.task == "vertebrae" else phantom.spine_mask
@@ -223,7 +223,7 @@ class SavedCase:
 
 def save_training_volume(volume: TrainingVolume, folder: str, config: TrainConfig) -> str:
     """Write ``volume`` to ``folder/<name>.volume.npz`` atomically (image as float16, grid and task recorded)."""
-    from .fileio import atomic_output
+    from SpineContextSegLib.io.files import atomic_output
 
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, volume.name.replace(os.sep, "_") + SAVED_VOLUME_SUFFIX)
@@ -389,8 +389,8 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         import torch
 
-        from .model_files import ModelCard
-        from .network import build_network
+        from SpineContextSegLib.inference.model_files import ModelCard
+        from SpineContextSegLib.inference.network import build_network
 
         self.config = config
         self.torch = torch
@@ -410,14 +410,14 @@ class Trainer:
             self.device = torch.device("cuda" if use_cuda else "cpu")
         if self.device.type == "cpu" and config.threads:
             torch.set_num_threads(config.threads)
-        from .engine import cpu_supports_bf16
+        from SpineContextSegLib.inference.engine import cpu_supports_bf16
 
         self.bf16 = self.device.type == "cpu" and (config.bf16 == "on" or (config.bf16 == "auto" and cpu_supports_bf16()))
         torch.manual_seed(config.seed + self.rank)
         self.rng = np.random.default_rng(config.seed + 1000 * self.rank)
         self.generator = torch.Generator().manual_seed(config.seed + 7 + self.rank)
 
-        from .labels import labels_for_task
+        from SpineContextSegLib.labels import labels_for_task
 
         self.card = ModelCard(
             name=f"spinecontextseg-{config.task}",
@@ -455,7 +455,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def load_data(self) -> None:
-        from .datasets import patient_level_split
+        from SpineContextSegLib.io.datasets import patient_level_split
 
         config = self.config
         cases = load_case_volumes(config) if config.data else []
@@ -510,7 +510,7 @@ class Trainer:
         label = torch.from_numpy(np.stack(labels)[:, None].astype(np.float32))
         weight = torch.from_numpy(np.stack(weights)[:, None].astype(np.float32))
         if config.augment:
-            from .augment import AugmentationConfig, augment_batch
+            from SpineContextSegLib.training.augment import AugmentationConfig, augment_batch
 
             augmentation = AugmentationConfig(scale_range=tuple(config.scale_range))
             image, label, weight = augment_batch(image, label, weight, tuple(config.patch_size), self.generator, config.spacing_mm, augmentation)
@@ -618,7 +618,7 @@ class Trainer:
             self.torch.distributed.barrier()
             self.torch.distributed.destroy_process_group()
         if self.rank == 0 and config.export_dir:
-            from .model_files import export_checkpoint
+            from SpineContextSegLib.inference.model_files import export_checkpoint
 
             export_checkpoint(best_path, config.export_dir)
         return best_path if self.rank == 0 else None
@@ -640,7 +640,7 @@ class Trainer:
         return card.to_json()
 
     def save_checkpoint(self, path: str) -> None:
-        from .fileio import atomic_output
+        from SpineContextSegLib.io.files import atomic_output
 
         torch = self.torch
         state = {
@@ -749,7 +749,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_case_weights(items: Sequence[str]) -> Dict[str, float]:
-    from .cli import UsageError
+    from SpineContextSegLib.errors import UsageError
 
     weights = {}
     for item in items:

@@ -6,7 +6,7 @@ for scale. Results go to stdout as a Markdown table, and optionally to CSV/Markd
 
 A *case* is any object with ``case_id`` (str), ``load() -> (ct_img, label_img)`` and
 ``load_spine_mask() -> mask_img`` (SimpleITK images on one grid; ``label_img`` is the
-per-vertebra label map that places the slab), as :class:`SpineContextSegLib.datasets.Case`.
+per-vertebra label map that places the slab), as :class:`SpineContextSegLib.io.datasets.Case`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence
 
-from .errors import EXIT_OK, SegmentationError
+from SpineContextSegLib.errors import EXIT_OK, SegmentationError
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -72,7 +72,7 @@ def evaluate_cases(
     -------
     list of dict
         One row per case with the keys of :data:`ROW_KEYS`: ``case``, the scores of
-        :func:`~SpineContextSegLib.metrics.score_masks` flattened (``slab_start``,
+        :func:`~SpineContextSegLib.evaluation.metrics.score_masks` flattened (``slab_start``,
         ``slab_stop``, ``tp``, ``fp``, ``fn``), ``threshold_dice`` and ``seconds`` (wall
         time of ``predict``).
 
@@ -81,7 +81,7 @@ def evaluate_cases(
     ValueError
         If a prediction is not on its CT's grid or a case has no labelled voxel.
     """
-    from .metrics import check_same_grid, score_masks, threshold_baseline
+    from SpineContextSegLib.evaluation.metrics import check_same_grid, score_masks, threshold_baseline
 
     rows = []
     for case in cases:
@@ -118,8 +118,8 @@ def evaluate_vertebra_cases(cases: Iterable[object], predict: Callable[["sitk.Im
     import numpy as np
     import SimpleITK as sitk
 
-    from .labels import vertebra_by_verse_id
-    from .metrics import check_same_grid, identification_rate, per_label_dice, per_label_hd95_mm
+    from SpineContextSegLib.labels import vertebra_by_verse_id
+    from SpineContextSegLib.evaluation.metrics import check_same_grid, identification_rate, per_label_dice, per_label_hd95_mm
 
     rows = []
     for case in cases:
@@ -162,7 +162,7 @@ def _columns(rows: Sequence[dict]) -> List[str]:
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
     """Write one line per case (columns :data:`ROW_KEYS`, full precision; ``nan``/``inf`` as text)."""
-    from .fileio import atomic_output
+    from SpineContextSegLib.io.files import atomic_output
 
     with atomic_output(path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
@@ -216,7 +216,7 @@ def write_markdown(rows: Sequence[dict], path: Optional[str]) -> str:
     """Write :func:`markdown_table` to ``path`` (skipped when None) and return the text."""
     text = markdown_table(rows)
     if path is not None:
-        from .fileio import atomic_output
+        from SpineContextSegLib.io.files import atomic_output
 
         with atomic_output(path) as temporary:
             with open(temporary, "w", encoding="utf-8") as handle:
@@ -270,7 +270,7 @@ def _case_roots(entries: Sequence[str]) -> List[str]:
 def _prediction_reader(pred_dir: str) -> Callable[[object], Callable[["sitk.Image"], "sitk.Image"]]:
     import SimpleITK as sitk
 
-    from .metrics import GridMismatchError, check_same_grid
+    from SpineContextSegLib.evaluation.metrics import GridMismatchError, check_same_grid
 
     if not os.path.isdir(pred_dir):
         raise SegmentationError("input_not_found", f"Prediction folder not found: {pred_dir}.")
@@ -298,8 +298,8 @@ def _prediction_reader(pred_dir: str) -> Callable[[object], Callable[["sitk.Imag
 
 def run(args: argparse.Namespace) -> int:
     """Run ``spinecontextseg evaluate``; print the Markdown table; return the exit status."""
-    from .datasets import find_cases
-    from .metrics import EmptyLabelMapError, GridMismatchError
+    from SpineContextSegLib.io.datasets import find_cases
+    from SpineContextSegLib.evaluation.metrics import EmptyLabelMapError, GridMismatchError
 
     cases = []
     for root in _case_roots(args.cases):
@@ -311,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pred_dir:
         predict_for = _prediction_reader(args.pred_dir)
     else:
-        from .pipeline import SegmentOptions, load_model_and_engine, segment_image
+        from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
 
         options = SegmentOptions(model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"))
         bundle, engine = load_model_and_engine(options)  # once, outside the timed predictions

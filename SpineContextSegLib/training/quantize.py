@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 #: Calibration methods :func:`quantize_onnx` knows (ONNX Runtime's names in lower case).
 CALIBRATION_METHODS = ("minmax",)
@@ -52,7 +52,7 @@ def resolve_cases(paths: Sequence[str]) -> List[Tuple[str, str]]:
     folder stands for its case sub-folders (e.g. ``../shared/data/real``). A file is named by
     its stem (``CTChest4.nii.gz`` -> ``CTChest4``), or by its folder when the stem is ``ct``.
     """
-    from .imageio import dicom_series_ids
+    from SpineContextSegLib.io.images import dicom_series_ids
 
     cases: List[Tuple[str, str]] = []
 
@@ -101,7 +101,7 @@ def network_input_volume(image, card) -> np.ndarray:
     """
     import SimpleITK as sitk
 
-    from .preprocessing import body_bounding_box, hu_to_unit_interval, to_canonical
+    from SpineContextSegLib.inference.preprocessing import body_bounding_box, hu_to_unit_interval, to_canonical
 
     canonical = to_canonical(image, card.spacing_mm, method="linear")
     hu = sitk.GetArrayViewFromImage(canonical)  # a view: ``canonical`` must outlive it
@@ -116,7 +116,7 @@ def tiles_of_volume(volume: np.ndarray, patch_size: Sequence[int], overlap: floa
     ``volume``: ``(D, H, W)`` float32 in [0, 1] (:func:`network_input_volume`), padded with 0 to
     at least ``patch_size`` as the stitcher pads. Returns ``(1, 1, d, h, w)`` float32 arrays.
     """
-    from .stitcher import tile_grid
+    from SpineContextSegLib.inference.stitcher import tile_grid
 
     padded_shape = tuple(max(s, p) for s, p in zip(volume.shape, patch_size))
     if padded_shape != volume.shape:
@@ -139,8 +139,8 @@ def calibration_tiles(
     Returns the tiles (``(1, 1, *card.patch_size)`` float32 each) and a JSON description
     for the card (case names, phantom seeds, tile count and size).
     """
-    from .imageio import read_image
-    from .phantom import generate_phantom
+    from SpineContextSegLib.io.images import read_image
+    from SpineContextSegLib.phantoms.phantom import generate_phantom
 
     patch_size = [int(p) for p in card.patch_size]
     tiles: List[np.ndarray] = []
@@ -242,7 +242,7 @@ def quantize_onnx(onnx_path: str, output_path: str, tiles: Sequence[np.ndarray],
     import onnxruntime
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .fileio import atomic_output
+    from SpineContextSegLib.io.files import atomic_output
 
     methods = {"minmax": CalibrationMethod.MinMax}
     if calibrate_method not in methods:
@@ -297,10 +297,10 @@ def mask_agreement(
     """
     import SimpleITK as sitk
 
-    from .engine import create_engine
-    from .imageio import read_image
-    from .metrics import dice
-    from .pipeline import SegmentOptions, segment_image
+    from SpineContextSegLib.inference.engine import create_engine
+    from SpineContextSegLib.io.images import read_image
+    from SpineContextSegLib.evaluation.metrics import dice
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_image
 
     images = {name: read_image(path) for name, path in cases}
     result: Dict[str, Dict[str, float]] = {}
@@ -327,8 +327,8 @@ def mask_agreement(
 # ----------------------------------------------------------------------------- the command
 def _copy_model_folder(source: str, target: str) -> None:
     """Copy the fp32 model files (model.onnx, model.json, model.pt) from ``source`` to ``target`` (created)."""
-    from .fileio import atomic_output
-    from .model_files import CARD_FILE, ONNX_FILE, TORCH_FILE
+    from SpineContextSegLib.io.files import atomic_output
+    from SpineContextSegLib.inference.model_files import CARD_FILE, ONNX_FILE, TORCH_FILE
 
     os.makedirs(target, exist_ok=True)
     for name in (ONNX_FILE, CARD_FILE, TORCH_FILE):
@@ -363,7 +363,7 @@ def quantize_model(
         The output folder, with ``card.int8`` = ``{file, sha256, method, calibration,
         agreement: {case: dice}, agreement_engines, agreement_by_engine, min_dice}``.
     """
-    from .model_files import INT8_FILE, INT8_MIN_AGREEMENT_DICE, load_model, sha256_of_file, write_card
+    from SpineContextSegLib.inference.model_files import INT8_FILE, INT8_MIN_AGREEMENT_DICE, load_model, sha256_of_file, write_card
 
     source = load_model(model_dir)
     output_dir = os.path.abspath(output_dir)
@@ -377,7 +377,7 @@ def quantize_model(
     calibration_cases = resolve_cases(calibration)
     agreement_cases = resolve_cases(agreement) if agreement else list(calibration_cases)
     if not agreement_cases:
-        from .phantom import generate_phantom
+        from SpineContextSegLib.phantoms.phantom import generate_phantom
         import tempfile
         import SimpleITK as sitk
 
@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``quantize`` command: prints progress lines, then the card's ``int8`` entry as JSON."""
     import sys
 
-    from .model_files import INT8_MIN_AGREEMENT_DICE
+    from SpineContextSegLib.inference.model_files import INT8_MIN_AGREEMENT_DICE
 
     bundle = quantize_model(
         args.model, args.output, calibration=args.calibration, agreement=args.agreement, phantoms=max(0, args.phantoms),

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
-from .fileio import atomic_output, output_suffix
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.io.files import atomic_output, output_suffix
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
-    from .labels import LabelInfo
-    from .progress import ProgressReporter
+    from SpineContextSegLib.labels import LabelInfo
+    from SpineContextSegLib.progress import ProgressReporter
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
@@ -453,11 +453,11 @@ def check_memory(needed_bytes: int, what: str) -> None:
 def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm: Sequence[float], output_channels: int = 1) -> int:
     """Peak bytes of one run on ``image``: the input grid plus the canonical grid at ``canonical_spacing_mm`` (x, y, z mm).
 
-    The canonical grid's size follows :func:`~SpineContextSegLib.preprocessing.canonical_reference`
+    The canonical grid's size follows :func:`~SpineContextSegLib.inference.preprocessing.canonical_reference`
     (it covers the input's physical extent), computed here without allocating it. A network with
     ``output_channels`` > 1 (vertebrae) adds one float32 stitching accumulator per extra channel.
     """
-    from .preprocessing import physical_corners
+    from SpineContextSegLib.inference.preprocessing import physical_corners
 
     corners = physical_corners(image)
     extent = corners.max(axis=0) - corners.min(axis=0)
@@ -655,14 +655,14 @@ def validate_ct(
 def check_labelmap_path(path: str, *, source: Optional[str] = None, series_uid: Optional[str] = None) -> None:
     """Raise now, before any computing, when ``path`` is not a label-map format we can write.
 
-    ``.dcm`` (a DICOM Segmentation, :mod:`SpineContextSegLib.dicom_seg`) needs ``source``, the
+    ``.dcm`` (a DICOM Segmentation, :mod:`SpineContextSegLib.io.dicom_seg`) needs ``source``, the
     CT's DICOM series folder (``series_uid`` when it holds several), and highdicom: a
     non-DICOM source raises ``dicom_seg_needs_dicom_input``, a missing highdicom
     ``dicom_support_missing``. Anything else but :data:`LABELMAP_SUFFIXES` raises ``output_format``.
     """
     suffix = output_suffix(path).lower()
     if suffix == DICOM_SEG_SUFFIX:
-        from .dicom_seg import check_dicom_seg_output
+        from SpineContextSegLib.io.dicom_seg import check_dicom_seg_output
 
         check_dicom_seg_output(path, source, series_uid)
         return
@@ -687,7 +687,7 @@ def write_labelmap(
     ``.seg.nrrd`` carries segment names, colours and terminology (read by Slicer and ``slicerio``).
     ``.dcm`` writes a DICOM Segmentation that references the CT's DICOM series ``source``
     (the folder the mask was computed from; ``series_uid`` when it holds several; ``model``,
-    the model's name and version, is recorded in it), see :func:`SpineContextSegLib.dicom_seg.write_dicom_seg`.
+    the model's name and version, is recorded in it), see :func:`SpineContextSegLib.io.dicom_seg.write_dicom_seg`.
     A write that fails part-way (disk full, file-size limit) raises ``disk_full`` and leaves
     nothing behind; the file is checked after writing (:func:`written_file_is_complete`)
     because ITK's NIfTI and compressed-NRRD writers report a short write only on stderr.
@@ -696,7 +696,7 @@ def write_labelmap(
 
     check_labelmap_path(path, source=source, series_uid=series_uid)
     if output_suffix(path).lower() == DICOM_SEG_SUFFIX:
-        from .dicom_seg import write_dicom_seg
+        from SpineContextSegLib.io.dicom_seg import write_dicom_seg
 
         return write_dicom_seg(mask, path, labels or [], source, series_uid=series_uid, model=model)
     suffix = output_suffix(path).lower()

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 
-from .errors import Cancelled, SegmentationError
-from .network_constants import DOWNSAMPLING_FACTOR
-from .postprocess import MAX_COLUMN_OFFSET_MM
-from .progress import ProgressReporter
+from SpineContextSegLib.errors import Cancelled, SegmentationError
+from SpineContextSegLib.inference.network_constants import DOWNSAMPLING_FACTOR
+from SpineContextSegLib.inference.postprocess import MAX_COLUMN_OFFSET_MM
+from SpineContextSegLib.progress import ProgressReporter
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
-    from .engine import InferenceEngine
-    from .labels import LabelInfo
-    from .model_files import ModelBundle
+    from SpineContextSegLib.inference.engine import InferenceEngine
+    from SpineContextSegLib.labels import LabelInfo
+    from SpineContextSegLib.inference.model_files import ModelBundle
 
 
 @dataclasses.dataclass
@@ -92,8 +92,8 @@ def load_model_and_engine(
     A bundle passed alone is the model that runs; an engine without the bundle it was built
     from is refused (``ValueError``).
     """
-    from .engine import create_engine
-    from .model_files import load_model
+    from SpineContextSegLib.inference.engine import create_engine
+    from SpineContextSegLib.inference.model_files import load_model
 
     if engine is not None:
         if bundle is None:
@@ -121,10 +121,10 @@ def segment_image(
     """
     import SimpleITK as sitk
 
-    from .labels import labels_for_task
-    from .postprocess import clean_probability
-    from .preprocessing import body_bounding_box, hu_to_unit_interval, threshold_on_input_grid, to_canonical
-    from .stitcher import sliding_window_inference
+    from SpineContextSegLib.labels import labels_for_task
+    from SpineContextSegLib.inference.postprocess import clean_probability
+    from SpineContextSegLib.inference.preprocessing import body_bounding_box, hu_to_unit_interval, threshold_on_input_grid, to_canonical
+    from SpineContextSegLib.inference.stitcher import sliding_window_inference
 
     options = options or SegmentOptions()
     reporter = reporter or ProgressReporter()
@@ -136,7 +136,7 @@ def segment_image(
         raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
 
     stop()
-    from .imageio import check_segmentation_memory
+    from SpineContextSegLib.io.images import check_segmentation_memory
 
     check_segmentation_memory(image, card.spacing_mm, output_channels=card.out_channels)  # refuse before resampling, never be killed by the OS
     canonical = timer.run("preprocess", to_canonical, image, card.spacing_mm, method="linear")
@@ -156,7 +156,7 @@ def segment_image(
         try:
             out = engine.predict(batch)
         except Exception as error:
-            from .engine import cpu_engine_after_failure
+            from SpineContextSegLib.inference.engine import cpu_engine_after_failure
 
             fallback = cpu_engine_after_failure(engine, error)  # GPU out of memory -> the CPU; else re-raise
             if fallback is None:
@@ -232,9 +232,9 @@ def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[D
     (the binary mask leaves the sacrum out, :mod:`SpineContextSegLib.labels`), so the rest of the
     pipeline treats it like a spine model's output. The votes are the most probable vertebra
     (VerSe id, uint8) wherever the background has less than half the probability (0 elsewhere);
-    they name the segments of the split mask (:func:`SpineContextSegLib.vertebrae.name_vertebrae`).
+    they name the segments of the split mask (:func:`SpineContextSegLib.anatomy.vertebrae.name_vertebrae`).
     """
-    from .labels import SACRUM_ID, classes_to_verse_ids, vertebra_class_ids
+    from SpineContextSegLib.labels import SACRUM_ID, classes_to_verse_ids, vertebra_class_ids
 
     class_ids = vertebra_class_ids(card_labels)
     # the stitched softmax still sums to 1 per voxel: subtracting avoids copying 26 channels
@@ -261,8 +261,8 @@ def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:
 
 def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None):
     """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebrae.py)."""
-    from .labels import vertebra_by_verse_id
-    from .vertebrae import label_vertebrae
+    from SpineContextSegLib.labels import vertebra_by_verse_id
+    from SpineContextSegLib.anatomy.vertebrae import label_vertebrae
 
     labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes)
     info["vertebrae"] = vertebra_info
@@ -318,8 +318,8 @@ def segment_file(
     ``input_path`` (:mod:`.dicom_seg`); ``roi_path``/``centreline_path`` (``.json``): see
     :mod:`.spine_geometry`.
     """
-    from .fileio import check_output_location
-    from .imageio import check_labelmap_path, read_image, write_labelmap
+    from SpineContextSegLib.io.files import check_output_location
+    from SpineContextSegLib.io.images import check_labelmap_path, read_image, write_labelmap
 
     options = options or SegmentOptions()
     reporter = reporter or ProgressReporter()
@@ -331,13 +331,13 @@ def segment_file(
         check_output_location(path)
     check_labelmap_path(output_path, source=input_path, series_uid=options.series_uid)  # a wrong extension (or .dcm for a non-DICOM input) fails now
     if roi_path or centreline_path:
-        from .spine_geometry import check_json_path
+        from SpineContextSegLib.inference.spine_geometry import check_json_path
 
         for path, option in ((roi_path, "--roi"), (centreline_path, "--centreline")):
             if path:
                 check_json_path(path, option)
     if stl_path:
-        from .meshing import check_stl_path
+        from SpineContextSegLib.io.meshing import check_stl_path
 
         check_stl_path(stl_path)
     start_total = time.perf_counter()
@@ -357,27 +357,27 @@ def segment_file(
         )
         written_paths.append(str(written["mask"]))
         if stl_path:
-            from .meshing import mesh_labelmap_to_stl
+            from SpineContextSegLib.io.meshing import mesh_labelmap_to_stl
 
             stop()
             names = {label.value: label.name for label in result.labels}
             written["stl"] = timer.run("mesh", mesh_labelmap_to_stl, result.mask, stl_path, labels=names, per_label=stl_per_label)
             written_paths.extend(written["stl"])  # type: ignore[arg-type]
         if qc_path:
-            from .qc import write_qc_png
+            from SpineContextSegLib.io.qc import write_qc_png
 
             stop()
             title = f"{os.path.basename(input_path)} - {bundle.card.name}" + ("" if bundle.card.trained else " (RANDOM WEIGHTS)")
             written["qc"] = timer.run("qc", write_qc_png, image, result.mask, qc_path, title=title)
             written_paths.append(str(written["qc"]))
         if roi_path:
-            from .spine_geometry import write_roi_json
+            from SpineContextSegLib.inference.spine_geometry import write_roi_json
 
             stop()
             written["roi"] = timer.run("geometry", write_roi_json, result.mask, roi_path, margin_mm=roi_margin_mm, labels=result.labels)
             written_paths.append(str(written["roi"]))
         if centreline_path:
-            from .spine_geometry import write_centreline_json
+            from SpineContextSegLib.inference.spine_geometry import write_centreline_json
 
             stop()
             written["centreline"] = timer.run("geometry", write_centreline_json, result.mask, centreline_path, labels=result.labels)

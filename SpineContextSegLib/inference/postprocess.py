@@ -10,7 +10,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 
 #: Largest in-plane distance (mm) of a component's centroid from the column's axis; about two

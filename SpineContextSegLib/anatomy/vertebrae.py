@@ -1,6 +1,6 @@
 """Binary spine mask -> one segment per vertebra, named with its VerSe id, without a network.
 
-Three steps, all on the **canonical grid** of :mod:`SpineContextSegLib.preprocessing` (numpy
+Three steps, all on the **canonical grid** of :mod:`SpineContextSegLib.inference.preprocessing` (numpy
 axis 0 inferior->superior, axis 1 anterior->posterior, axis 2 right->left), isotropic:
 
 1. **Centreline** (:func:`body_centreline`): per axial slice, the centre of the thickest
@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -1468,7 +1468,7 @@ RIB_FALSE_DETECTIONS = 0.05
 
 
 def _chains() -> Dict[str, Tuple[int, ...]]:
-    from .labels import L6_ID, SACRUM_ID, STANDARD_CHAIN, T13_ID
+    from SpineContextSegLib.labels import L6_ID, SACRUM_ID, STANDARD_CHAIN, T13_ID
 
     standard = tuple(v for v in STANDARD_CHAIN if v != SACRUM_ID)
     t12 = standard.index(19)
@@ -1553,7 +1553,7 @@ class _ChainModel:
 
 
 def _chain_model(name: str, chain: Sequence[int]) -> _ChainModel:
-    from .labels import L6_ID, T13_ID
+    from SpineContextSegLib.labels import L6_ID, T13_ID
 
     anchor_position, anchor_height, anchor_disc = _HEIGHT_ANCHORS
     positions = []
@@ -2011,7 +2011,7 @@ def name_vertebrae(
 
     from scipy import ndimage
 
-    from .labels import vertebra_by_verse_id
+    from SpineContextSegLib.labels import vertebra_by_verse_id
 
     clock = time.perf_counter()
     spacing = _spacing3(spacing_mm)
@@ -2227,7 +2227,7 @@ def segment_upper_sacrum(verse_labels: np.ndarray, ct_hu: np.ndarray, line: Cent
     labelled = verse_labels > 0
     inside_fov = np.ones(labelled.shape, dtype=bool) if field_of_view is None else np.asarray(field_of_view, dtype=bool)
     values = [v for v in np.unique(verse_labels) if v > 0]
-    from .labels import CRANIO_CAUDAL_ORDER
+    from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER
 
     lowest = max(values, key=CRANIO_CAUDAL_ORDER.index)
     flat = np.flatnonzero(verse_labels == lowest)
@@ -2292,7 +2292,7 @@ def _field_of_view(ct_image: "sitk.Image", reference: "sitk.Image") -> np.ndarra
     """
     import SimpleITK as sitk
 
-    from .preprocessing import physical_corners, resample_to_reference
+    from SpineContextSegLib.inference.preprocessing import physical_corners, resample_to_reference
 
     size = np.array(ct_image.GetSize())
     shape = tuple(reversed(reference.GetSize()))
@@ -2317,7 +2317,7 @@ def label_vertebrae(
     """Label every vertebra of a binary spine mask with its VerSe id.
 
     The mask's bounding box plus :data:`CONTEXT_MARGIN_MM` of CT around it is resampled onto
-    a canonical grid (:func:`SpineContextSegLib.preprocessing.canonical_reference`,
+    a canonical grid (:func:`SpineContextSegLib.inference.preprocessing.canonical_reference`,
     isotropic ``spacing_mm``); there :func:`split_vertebrae` and :func:`name_vertebrae` run
     (optionally :func:`segment_upper_sacrum`), and the labels come back onto the mask's own
     grid with nearest neighbour. On that grid the labels are then fitted to the mask: mask
@@ -2363,8 +2363,8 @@ def label_vertebrae(
 
     import SimpleITK as sitk
 
-    from .labels import SACRUM_ID
-    from .preprocessing import AIR_HU, canonical_reference, physical_corners, resample_to_reference
+    from SpineContextSegLib.labels import SACRUM_ID
+    from SpineContextSegLib.inference.preprocessing import AIR_HU, canonical_reference, physical_corners, resample_to_reference
 
     timings: Dict[str, float] = {}
     clock = time.perf_counter()
@@ -2465,7 +2465,7 @@ def _resample_into(mask: "sitk.Image", reference: "sitk.Image") -> np.ndarray:
     """(D, H, W) bool: ``mask`` resampled (nearest) onto ``reference``, computed only in the part of the grid it covers."""
     import SimpleITK as sitk
 
-    from .preprocessing import physical_corners, resample_to_reference
+    from SpineContextSegLib.inference.preprocessing import physical_corners, resample_to_reference
 
     corners = np.array([reference.TransformPhysicalPointToContinuousIndex([float(c) for c in corner]) for corner in physical_corners(mask)])
     size = np.array(reference.GetSize())
@@ -2516,7 +2516,7 @@ def _labels_in_pieces(labels: np.ndarray) -> List[int]:
     """Labels (VerSe ids, sacrum and markers excepted) that are more than one 26-connected piece."""
     from scipy import ndimage
 
-    from .labels import SACRUM_ID
+    from SpineContextSegLib.labels import SACRUM_ID
 
     out = []
     for value, box in enumerate(ndimage.find_objects(np.where((labels == SACRUM_ID) | (labels == NOT_A_VERTEBRA), 0, labels)), start=1):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network_constants import DOWNSAMPLING_FACTOR
+from SpineContextSegLib.inference.network_constants import DOWNSAMPLING_FACTOR
 
 
 class ConvBNReLU(nn.Sequential):

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SegmentationError
-from .fileio import atomic_output
-from .meshing import foreground_bounding_box
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.io.files import atomic_output
+from SpineContextSegLib.io.meshing import foreground_bounding_box
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import SimpleITK as sitk
@@ -320,7 +320,7 @@ def write_qc_png(ct_image: "sitk.Image", mask_image: "sitk.Image", path: str, *,
         f"Pixel {sagittal.pixel_mm:.2f} mm. "
         + ("Mask outline in colour, one colour per label." if sagittal.centred_on_mask else "The mask is empty: planes through the CT centre, no outline.")
     )
-    from . import __version__
+    from SpineContextSegLib import __version__
 
     text = {"Software": f"SpineContextSeg {__version__}", "Description": description}
     if title:

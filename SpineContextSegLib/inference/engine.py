@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model_files import ModelBundle
+    from SpineContextSegLib.inference.model_files import ModelBundle
 
 ENGINES = ("auto", "onnxruntime", "openvino", "torch")
 DEVICES = ("auto", "cpu", "cuda")
@@ -57,7 +57,7 @@ def resolve_precision(precision: str, device: str, bundle: "Optional[ModelBundle
     if cpu_supports_bf16():
         return "bf16"
     if bundle is not None:
-        from .model_files import int8_agreement_holds, int8_model_available
+        from SpineContextSegLib.inference.model_files import int8_agreement_holds, int8_model_available
 
         # a folder copied without its int8 file (or with an unproven one) runs fp32, silently
         if int8_model_available(bundle) and int8_agreement_holds(bundle.card):
@@ -167,8 +167,8 @@ class TorchEngine(InferenceEngine):
             import torch
         except ImportError:
             raise SegmentationError("engine_missing", "PyTorch is not installed: pip install torch==2.13.0 (or use --engine onnxruntime).") from None
-        from .model_files import build_network_from_card
-        from .network import with_output_activation
+        from SpineContextSegLib.inference.model_files import build_network_from_card
+        from SpineContextSegLib.inference.network import with_output_activation
 
         if not os.path.isfile(bundle.torch_path):
             raise SegmentationError("model_not_found", f"{bundle.directory} has no model.pt; the torch engine needs it (use --engine onnxruntime).")
@@ -313,7 +313,7 @@ def _model_path(bundle: "ModelBundle", precision: str) -> str:
     """``model_int8.onnx`` (verified against the card) for ``int8``, else ``model.onnx``."""
     if precision != "int8":
         return bundle.onnx_path
-    from .model_files import verified_int8_path
+    from SpineContextSegLib.inference.model_files import verified_int8_path
 
     return verified_int8_path(bundle)
 

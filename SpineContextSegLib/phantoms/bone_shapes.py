@@ -16,7 +16,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
-BONE_SHAPES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "anatomy", "bone_shapes.npz")
+from SpineContextSegLib import RESOURCES_DIR
+
+BONE_SHAPES_PATH = os.path.join(RESOURCES_DIR, "anatomy", "bone_shapes.npz")
 
 
 @dataclass(frozen=True)

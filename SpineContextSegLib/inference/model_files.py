@@ -29,8 +29,9 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import SegmentationError
-from .fileio import atomic_output
+from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib import RESOURCES_DIR
+from SpineContextSegLib.io.files import atomic_output
 
 ONNX_FILE = "model.onnx"
 CARD_FILE = "model.json"
@@ -41,7 +42,7 @@ INT8_MIN_AGREEMENT_DICE = 0.99
 ONNX_OPSET = 17
 
 #: The model that ships with the package.
-BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "models", "spine")
+BUNDLED_MODEL_DIR = os.path.join(RESOURCES_DIR, "models", "spine")
 
 
 @dataclasses.dataclass
@@ -204,7 +205,7 @@ def export_model(network, card: ModelCard, directory: str, *, example_shape: Opt
     """
     import torch
 
-    from .network import with_output_activation
+    from SpineContextSegLib.inference.network import with_output_activation
 
     os.makedirs(directory, exist_ok=True)
     network = network.eval().float()
@@ -234,7 +235,7 @@ def export_model(network, card: ModelCard, directory: str, *, example_shape: Opt
 
 def build_network_from_card(card: ModelCard, state_dict=None):
     """The torch network a card describes, with ``state_dict`` loaded when given."""
-    from .network import build_network
+    from SpineContextSegLib.inference.network import build_network
 
     kwargs = dict(card.architecture_kwargs)
     kwargs.setdefault("out_channels", card.out_channels)

@@ -1,34 +1,32 @@
 """SpineContextSeg: one-click spine segmentation of CT in 3D Slicer.
 
-The module is a thin Slicer layer around two pieces that are tested without Slicer:
+This file holds what Slicer looks for: the module, its panel (widget), a thin logic and the
+self-test. They are a thin layer around two pieces that are tested without Slicer:
 
 * ``SpineContextSegLib`` (installed next to this file): the segmentation itself. It runs in a
   separate ``PythonSlicer`` process, ``python -m SpineContextSegLib.worker``, that speaks a
   JSON-line protocol, so Slicer never loads ONNX Runtime and the viewer stays responsive.
-* ``SpineContextSegSlicerLib`` (a sub-package of this folder): ``worker_process`` (start,
-  events, cancel, kill, temp-folder cleanup; pure Python) and ``mrml_io`` (volume export,
-  label-map import, surfaces, STL export; MRML + VTK, no Qt).
+* ``SpineContextSegSlicerLib`` (a sub-package of this folder): everything else (worker process,
+  MRML I/O, package install, parameter node, ...); its ``__init__`` lists the modules.
 
 Nothing heavy is imported at module level: Slicer imports every module at startup.
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import logging
 import os
 import pathlib
 import sys
-from typing import Annotated, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import ctk
 import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -37,28 +35,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+if TYPE_CHECKING:  # the helper package is imported on first use, never at Slicer startup
+    from SpineContextSegSlicerLib.parameters import SpineContextSegParameterNode
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-#: Choices shown in the panel -> worker arguments.
-TASKS = {"Spine": "spine", "Vertebrae": "vertebrae"}
-DEVICES = {"Auto": "auto", "CPU": "cpu", "GPU": "cuda"}
-#: Quality preset -> tile overlap (None: the model card's tuned default).
-QUALITY_OVERLAP = {"Fast": 0.0, "Standard": None, "Best": 0.5}
-EXPORT_MODES = {"One file per segment": False, "One merged file": True}
-
-#: Packages the worker needs that Slicer does not bundle (numpy, SciPy, SimpleITK, VTK are bundled).
-CPU_REQUIREMENTS = ["onnxruntime>=1.16", "tqdm>=4.60"]
-GPU_RUNTIME = "onnxruntime-gpu>=1.16"
-#: The fast CPU engine (about 3x ONNX Runtime on a CPU; reads the same model.onnx, picked by the
-#: worker when importable). Optional: ONNX Runtime stays installed as the fallback.
-OPENVINO_REQUIREMENT = "openvino>=2024.0"
-#: (sys.platform, platform.machine()) where PyPI has OpenVINO wheels: the same set as the
-#: markers of openvino in pyproject.toml (no wheels for Windows on ARM, ppc64le, s390x, 32-bit).
-OPENVINO_PLATFORMS = {("linux", "x86_64"), ("linux", "aarch64"), ("win32", "AMD64"), ("darwin", "x86_64"), ("darwin", "arm64")}
-#: Settings key: the OpenVINO install was offered (declined or failed: never asked again).
-OPENVINO_OFFERED_SETTING = "SpineContextSeg/OpenVINOOffered"
-#: Slicer's own packages: pip must never replace them while installing ours.
-PROTECTED_DISTRIBUTIONS = ("numpy", "SimpleITK", "vtk", "scipy", "requests")
 
 SAMPLE_NAME = "SpineContextSeg sample CT"
 SAMPLE_NODE_NAME = "SpineContextSegSampleCT"
@@ -73,13 +53,16 @@ TERMINOLOGY_FILE = os.path.join(MODULE_DIR, "Resources", "SegmentationCategoryTy
 CONTRIBUTORS = ["SpineContextSeg maintainers (SpineContextSeg project)"]
 
 
-def _libraries():
-    """Import the module's helper packages (cheap; done on first use, not at Slicer startup)."""
+def _libraries() -> None:
+    """Make the helper package ``SpineContextSegSlicerLib`` importable (on first use, not at Slicer startup)."""
     if MODULE_DIR not in sys.path:
         sys.path.insert(0, MODULE_DIR)
-    from SpineContextSegSlicerLib import mrml_io, worker_process
 
-    return mrml_io, worker_process
+
+def _helper(name: str):
+    """The module ``SpineContextSegSlicerLib.<name>``, imported on first use."""
+    _libraries()
+    return importlib.import_module(f"SpineContextSegSlicerLib.{name}")
 
 
 #
@@ -171,49 +154,13 @@ def loadTerminology() -> Optional[str]:
         logging.warning("SpineContextSeg: the Terminologies module is not loaded; segment codes cannot be looked up.")
         return None
     try:
-        mrml_io, _worker_process = _libraries()
+        _libraries()
+        from SpineContextSegSlicerLib import mrml_io
+
         return mrml_io.load_terminology(terminologyLogic, TERMINOLOGY_FILE)
     except Exception as error:  # an incomplete install must not print a traceback at start-up
         logging.warning(f"SpineContextSeg: terminology not loaded: {error}")
         return None
-
-
-#
-# SpineContextSegParameterNode
-#
-
-
-@parameterNodeWrapper
-class SpineContextSegParameterNode:
-    """Everything the panel remembers, saved with the scene.
-
-    inputVolume - CT to segment.
-    outputSegmentation - target segmentation; none: create a new one.
-    task, device, quality - see TASKS, DEVICES, QUALITY_OVERLAP.
-    autoShow3D - create the surface and centre the 3D view after a run.
-    exportDirectory, exportMode, exportVertebrae, exportSizeScale, exportCoordinateSystem - STL export.
-    modelPath - model folder or model.onnx; empty: the bundled model.
-    overrideOverlap, overlap - tile overlap instead of the quality preset's.
-    threads - CPU threads (0: automatic).
-    keepTemporaryFiles - keep the worker's files (debugging).
-    """
-
-    inputVolume: vtkMRMLScalarVolumeNode
-    outputSegmentation: vtkMRMLSegmentationNode
-    task: Annotated[str, Choice(list(TASKS))] = "Spine"
-    device: Annotated[str, Choice(list(DEVICES))] = "Auto"
-    quality: Annotated[str, Choice(list(QUALITY_OVERLAP))] = "Standard"
-    autoShow3D: bool = True
-    exportDirectory: pathlib.Path
-    exportMode: Annotated[str, Choice(list(EXPORT_MODES))] = "One file per segment"
-    exportVertebrae: str = ""
-    exportSizeScale: Annotated[float, WithinRange(0.001, 1000.0)] = 1.0
-    exportCoordinateSystem: Annotated[str, Choice(["LPS", "RAS"])] = "LPS"
-    modelPath: str = ""
-    overrideOverlap: bool = False
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
-    threads: Annotated[int, WithinRange(0, 256)] = 0
-    keepTemporaryFiles: bool = False
 
 
 #
@@ -296,7 +243,7 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = firstVolumeNode
         if str(self._parameterNode.exportDirectory) in ("", "."):
-            self._parameterNode.exportDirectory = pathlib.Path(defaultExportDirectory())
+            self._parameterNode.exportDirectory = pathlib.Path(_helper("parameters").defaultExportDirectory())
 
     def setParameterNode(self, inputParameterNode: Optional[SpineContextSegParameterNode]) -> None:
         if self._parameterNode:
@@ -382,13 +329,13 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._state != IDLE:
             return
         p = self.ensureParameterNode()
-        device = DEVICES[p.device]
-        if not self.ensureDependencies(device):
+        parameters = _helper("parameters")
+        if not self.ensureDependencies(parameters.DEVICES[p.device]):
             return
         inputVolume = p.inputVolume
         segmentation = p.outputSegmentation
         if segmentation is None:
-            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", defaultSegmentationName(inputVolume, TASKS[p.task]))
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", parameters.defaultSegmentationName(inputVolume, parameters.TASKS[p.task]))
             segmentation.CreateDefaultDisplayNodes()
             p.outputSegmentation = segmentation
         self.ui.logTextEdit.clear()
@@ -397,18 +344,7 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setStatus(_("Segmenting '{name}'\u2026").format(name=inputVolume.GetName()))
         try:
             self.logic.keepTemporaryFiles = p.keepTemporaryFiles
-            self.logic.process(
-                inputVolume,
-                segmentation,
-                device=device,
-                task=TASKS[p.task],
-                model=p.modelPath.strip() or None,
-                overlap=p.overlap if p.overrideOverlap else QUALITY_OVERLAP[p.quality],
-                threads=p.threads or None,
-                showResult=p.autoShow3D,
-                waitForCompletion=False,
-                eventCallback=self.onLogicEvent,
-            )
+            self.logic.process(inputVolume, segmentation, **parameters.processOptions(p), waitForCompletion=False, eventCallback=self.onLogicEvent)
         except Exception as error:
             self.setProcessingState(IDLE)
             self.showError(_("Could not start the segmentation"), error)
@@ -417,61 +353,14 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Check the worker's Python packages; offer to install the missing ones (never silently).
 
         OpenVINO, the fast CPU engine, is offered once and never required: declined or failed,
-        ONNX Runtime segments.
+        ONNX Runtime segments. The dialogs: :func:`SpineContextSegSlicerLib.install.ensureDependencies`.
         """
-        requirements, uninstall = self.logic.missingDependencies(device)
-        if OPENVINO_REQUIREMENT in requirements and openVinoOffered():
-            requirements = [r for r in requirements if r != OPENVINO_REQUIREMENT]
-        if not requirements:
-            return True
-        withOpenVino = OPENVINO_REQUIREMENT in requirements
-        if requirements == [OPENVINO_REQUIREMENT]:  # ONNX Runtime is there: the run goes ahead either way
-            text = _(
-                "OpenVINO makes segmentation on the CPU about 3 times faster than ONNX Runtime, which is installed.\n\n"
-                "Install OpenVINO now? This downloads about 50 MB. Slicer's own packages (numpy, SimpleITK, VTK) are not changed.\n\n"
-                "If you choose Cancel, SpineContextSeg uses ONNX Runtime and does not ask again."
-            )
-            rememberOpenVinoOffered()
-            if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install OpenVINO")):
-                self.appendLog(_("OpenVINO not installed: segmenting with ONNX Runtime."))
-                return True
-        else:
-            text = _(
-                "SpineContextSeg needs these Python packages, which are not installed yet:\n\n    {packages}\n\n"
-                "Install them now? This downloads about 20-300 MB and can take a few minutes. "
-                "Slicer's own packages (numpy, SimpleITK, VTK) are not changed."
-            ).format(packages="\n    ".join(requirements))
-            if withOpenVino:
-                text += "\n\n" + _("OpenVINO is the fast engine on the CPU; if it cannot be installed, ONNX Runtime does the work.")
-            if uninstall:
-                text += "\n\n" + _("{old} will be replaced by {new} (they cannot be installed together).").format(old=", ".join(uninstall), new=GPU_RUNTIME.split(">")[0])
-            if not slicer.util.confirmOkCancelDisplay(text, windowTitle=_("Install Python packages")):
-                required = [r for r in requirements if r != OPENVINO_REQUIREMENT]
-                self.setStatus(_("Not started: {packages} is required. Install it, or choose Device: CPU.").format(packages=", ".join(required)), error=True)
-                return False
-            if withOpenVino:
-                rememberOpenVinoOffered()  # asked once: a failed install is not retried on every run
-        self.setStatus(_("Installing {packages}\u2026").format(packages=", ".join(requirements)))
-        try:
-            with slicer.util.WaitCursor():
-                failed = self.logic.installDependencies(requirements, uninstall=uninstall) or []
-        except Exception as error:
-            # Slicer 5.12+ already showed pip's failure (with its log) in its own dialog: one dialog, not two.
-            self.showError(_("Installing the Python packages failed"), error, dialog=not getattr(error, "shownToUser", False))
-            return False
-        installed = [r for r in requirements if r not in failed]
-        if installed:
-            self.setStatus(_("Installed {packages}.").format(packages=", ".join(installed)))
-        if failed:  # not an error: the run goes ahead on ONNX Runtime
-            self.setStatus(_("{packages} could not be installed (see the Python console): segmenting with ONNX Runtime, which is slower on the CPU.").format(
-                packages=", ".join(failed)))
-        return True
+        return _helper("install").ensureDependencies(self, device)
 
     def onLogicEvent(self, event) -> None:
         """Progress and results from the logic (always on the GUI thread)."""
-        _mrml_io, worker_process = _libraries()
         if event.kind == "progress":
-            self.ui.progressBar.value = int(1000 * worker_process.overall_fraction(event.message))
+            self.ui.progressBar.value = int(1000 * _helper("worker_events").overall_fraction(event.message))
             self.ui.progressBar.format = event.describe()  # stage names and numbers: no % placeholders
             self.ui.statusLabel.text = _("Segmenting: {progress}").format(progress=event.describe())
         elif event.kind == "status":
@@ -518,14 +407,7 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self.ensureParameterNode()
         try:
             with slicer.util.WaitCursor():
-                paths = self.logic.exportStl(
-                    p.outputSegmentation,
-                    str(p.exportDirectory),
-                    vertebrae=p.exportVertebrae,
-                    merge=EXPORT_MODES[p.exportMode],
-                    sizeScale=p.exportSizeScale,
-                    lps=p.exportCoordinateSystem == "LPS",
-                )
+                paths = self.logic.exportStl(p.outputSegmentation, str(p.exportDirectory), **_helper("parameters").exportOptions(p))
         except Exception as error:
             self.showError(_("STL export failed"), error)
             return
@@ -563,110 +445,9 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QApplication.clipboard().setText(self.ui.logTextEdit.toPlainText())
 
 
-def defaultExportDirectory() -> str:
-    try:
-        base = slicer.app.defaultScenePath
-    except AttributeError:
-        base = ""
-    return os.path.join(base or os.path.expanduser("~"), "SpineContextSeg")
-
-
-def defaultSegmentationName(volumeNode, task: str) -> str:
-    suffix = "vertebrae" if task == "vertebrae" else "spine"
-    return slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} {suffix}")
-
-
-def userModelsDirectory() -> str:
-    """Where imported models are kept: ``$SPINECONTEXTSEG_MODELS_DIR`` or ``~/.SpineContextSeg/models``."""
-    return os.environ.get("SPINECONTEXTSEG_MODELS_DIR") or os.path.join(os.path.expanduser("~"), ".SpineContextSeg", "models")
-
-
 #
 # SpineContextSegLogic
 #
-
-
-@dataclasses.dataclass
-class SegmentationRun:
-    """One call of :meth:`SpineContextSegLogic.process`."""
-
-    inputVolume: Any
-    outputSegmentation: Any
-    task: str
-    showResult: bool
-    tempDir: str
-    worker: Any = None  # worker_process.WorkerProcess
-    exportedIjkToRas: Any = None  # vtkMatrix4x4 the worker saw
-    eventCallback: Optional[Callable[[Any], None]] = None
-    segmentIds: List[str] = dataclasses.field(default_factory=list)
-    outcome: Any = None  # worker_process.WorkerOutcome
-
-    @property
-    def finished(self) -> bool:
-        return self.outcome is not None
-
-
-class DependencyInstallError(RuntimeError):
-    """pip could not install the worker's packages.
-
-    ``shownToUser``: Slicer has already shown this failure with pip's log in its own error dialog
-    (``slicer.packaging.pip_install`` in Slicer 5.12+ does, outside testing mode), so the panel
-    must not show a second one.
-    """
-
-    def __init__(self, message: str, *, shownToUser: bool = False) -> None:
-        super().__init__(message)
-        self.shownToUser = shownToUser
-
-
-def _slicerPackaging():
-    """``slicer.packaging`` (Slicer 5.12+), or None on 5.8-5.10."""
-    import importlib
-
-    try:
-        return importlib.import_module("slicer.packaging")
-    except ImportError:
-        return None
-
-
-def _pipInstall(packaging, requirements: List[str], constraints: str, *, showProgress: bool = True) -> None:
-    """pip-install through ``slicer.packaging`` (5.12+) or ``slicer.util`` (5.8-5.10); raises ``CalledProcessError``."""
-    if packaging is not None:
-        quiet = {} if showProgress else {"show_progress": False}  # busy cursor only, and no error dialog
-        packaging.pip_install(list(requirements), constraints=constraints, requester="SpineContextSeg", **quiet)
-    else:
-        slicer.util.pip_install(list(requirements) + ["--constraint", constraints])
-
-
-def openVinoSupported() -> bool:
-    """Whether PyPI has OpenVINO wheels for this computer (else ONNX Runtime is the only CPU engine)."""
-    import platform
-
-    return (sys.platform, platform.machine()) in OPENVINO_PLATFORMS
-
-
-def openVinoOffered() -> bool:
-    """Whether the OpenVINO install was offered before (it is offered once, never forced)."""
-    return str(qt.QSettings().value(OPENVINO_OFFERED_SETTING, "false")).lower() == "true"
-
-
-def rememberOpenVinoOffered() -> None:
-    qt.QSettings().setValue(OPENVINO_OFFERED_SETTING, "true")
-
-
-def _slicerShowsPipErrors(packaging) -> bool:
-    """Whether ``packaging.pip_install`` shows its own error dialog when pip fails.
-
-    Slicer 5.12+ does (blocking install with a progress dialog, the default), except in testing
-    mode, where it installs without any UI. Slicer 5.8-5.10 (no ``slicer.packaging``) never does.
-    """
-    if packaging is None:
-        return False
-    testingEnabled = getattr(slicer.app, "testingEnabled", None)
-    try:
-        return not (testingEnabled() if callable(testingEnabled) else False)
-    except Exception:
-        return True
 
 
 class SpineContextSegLogic(ScriptedLoadableModuleLogic):
@@ -679,6 +460,9 @@ class SpineContextSegLogic(ScriptedLoadableModuleLogic):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         run = logic.process(volume, segmentation, device="cpu")      # blocks; raises on failure
         logic.exportStl(segmentation, "/tmp/stl")
+
+    Thin: the work is done in ``SpineContextSegSlicerLib`` (imported on first use), mainly by
+    :class:`~SpineContextSegSlicerLib.segmentation_run.SegmentationRunner`.
     """
 
     #: Seconds between the cancel file and the hard kill.
@@ -688,512 +472,85 @@ class SpineContextSegLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.activeRun: Optional[SegmentationRun] = None
-        self.lastRun: Optional[SegmentationRun] = None
         self.keepTemporaryFiles = False
-        self._timer = None
-        self._pollSlot = None  # the one callable connected to the timer (disconnect needs the same object)
-        self._quitSlot = None  # connected to aboutToQuit() while a run is active
-        self._sceneObserver = None  # (scene, observer tag) while a run is active
+        self._runner = None  # the SegmentationRunner, made on first use
 
     def getParameterNode(self):
-        return SpineContextSegParameterNode(super().getParameterNode())
+        return _helper("parameters").SpineContextSegParameterNode(super().getParameterNode())
+
+    @property
+    def runner(self):
+        """The :class:`~SpineContextSegSlicerLib.segmentation_run.SegmentationRunner` of this logic (made on first use)."""
+        if self._runner is None:
+            self._runner = _helper("segmentation_run").SegmentationRunner()
+        return self._runner
+
+    @property
+    def activeRun(self):
+        """The ``SegmentationRun`` in progress, or None."""
+        return self._runner.activeRun if self._runner is not None else None
+
+    @property
+    def lastRun(self):
+        """The last finished ``SegmentationRun``, or None."""
+        return self._runner.lastRun if self._runner is not None else None
 
     @property
     def isRunning(self) -> bool:
         return self.activeRun is not None
 
-    # ------------------------------------------------------------------ dependencies
+    # ------------------------------------------------------------------ dependencies and models
     @staticmethod
     def missingDependencies(device: str = "auto"):
-        """``(requirements to install, distributions to uninstall first)`` for the worker on ``device``.
-
-        ``OPENVINO_REQUIREMENT`` among them is optional (see ``installDependencies``). Looks at
-        installed package metadata only; imports nothing.
-        """
-        import importlib.util
-
-        try:
-            from importlib import metadata
-        except ImportError:  # pragma: no cover - Python < 3.8
-            metadata = None
-
-        def installed(distribution: str) -> bool:
-            if metadata is None:
-                return False
-            try:
-                metadata.version(distribution)
-                return True
-            except metadata.PackageNotFoundError:
-                return False
-
-        requirements, uninstall = [], []
-        wantGpu = device == "cuda" and sys.platform != "darwin"  # no CUDA builds for macOS
-        hasRuntime = importlib.util.find_spec("onnxruntime") is not None
-        if wantGpu and not installed("onnxruntime-gpu"):
-            requirements.append(GPU_RUNTIME)
-            if installed("onnxruntime"):
-                uninstall.append("onnxruntime")
-        elif not hasRuntime:
-            requirements.append(CPU_REQUIREMENTS[0])
-        # The fast CPU engine, where it has wheels; not for CUDA runs (and onnxruntime-gpu's auto is the GPU).
-        if device != "cuda" and not installed("onnxruntime-gpu") and openVinoSupported() and importlib.util.find_spec("openvino") is None:
-            requirements.append(OPENVINO_REQUIREMENT)
-        if importlib.util.find_spec("tqdm") is None:
-            requirements.append(CPU_REQUIREMENTS[1])
-        return requirements, uninstall
+        """``(requirements to install, distributions to uninstall first)`` for the worker on ``device``: see ``install``."""
+        return _helper("install").missingDependencies(device)
 
     def installDependencies(self, requirements: List[str], uninstall: Optional[List[str]] = None) -> List[str]:
-        """pip-install ``requirements`` into Slicer's Python, pinning Slicer's own packages.
+        """pip-install into Slicer's Python; returns the optional requirements that failed: see ``install``."""
+        return _helper("install").installDependencies(requirements, uninstall)
 
-        A constraints file fixes the installed versions of numpy, SimpleITK, VTK, SciPy and
-        requests, so a dependency can never replace them.
-
-        OpenVINO (``OPENVINO_REQUIREMENT``) is installed last, on its own: if that fails (no wheel
-        for this Python or numpy, no network), a warning is logged and ONNX Runtime does the work.
-        Returns the optional requirements that could not be installed.
-
-        Raises ``DependencyInstallError`` when pip fails for a required package; its ``shownToUser``
-        says whether Slicer (5.12+) already showed the failure in its own dialog.
-        """
-        import subprocess
-        import tempfile
-
-        from importlib import metadata
-
-        optional = [r for r in requirements if r == OPENVINO_REQUIREMENT]
-        required = [r for r in requirements if r not in optional]
-        pins = []
-        for distribution in PROTECTED_DISTRIBUTIONS:
-            try:
-                pins.append(f"{distribution}=={metadata.version(distribution)}")
-            except metadata.PackageNotFoundError:
-                pass
-        folder = tempfile.mkdtemp(prefix="scs-pip-")
-        constraints = os.path.join(folder, "constraints.txt")
-        with open(constraints, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(pins) + "\n")
-        packaging = _slicerPackaging()  # Slicer 5.12+
-        failed = []
-        try:
-            if uninstall:
-                try:
-                    slicer.util.pip_uninstall(" ".join(uninstall))
-                except subprocess.CalledProcessError as error:  # no dialog from Slicer for an uninstall
-                    raise DependencyInstallError(
-                        f"pip could not uninstall {', '.join(uninstall)} (exit status {error.returncode}). See the Python console for pip's output."
-                    ) from error
-            try:
-                if required:
-                    _pipInstall(packaging, required, constraints)
-            except subprocess.CalledProcessError as error:
-                raise DependencyInstallError(
-                    f"pip could not install {', '.join(required)} (exit status {error.returncode}). "
-                    "See pip's log (Python console) for the reason: often no network or a proxy.",
-                    shownToUser=_slicerShowsPipErrors(packaging),
-                ) from error
-            for requirement in optional:
-                try:
-                    # without Slicer 5.12's progress dialog, which would end a failure with an error dialog
-                    _pipInstall(packaging, [requirement], constraints, showProgress=False)
-                except subprocess.CalledProcessError as error:
-                    logging.warning(
-                        f"SpineContextSeg: pip could not install {requirement} (exit status {error.returncode}; pip's output is in the Python console). "
-                        "Segmentation uses ONNX Runtime instead, which is slower on the CPU."
-                    )
-                    failed.append(requirement)
-        finally:
-            import shutil
-
-            shutil.rmtree(folder, ignore_errors=True)
-        import importlib
-
-        importlib.invalidate_caches()
-        still, _uninstall = self.missingDependencies("cuda" if any(r.startswith("onnxruntime-gpu") for r in requirements) else "auto")
-        failed += [r for r in still if r in optional and r not in failed]  # pip "succeeded" but it is not importable
-        still = [r for r in still if r != OPENVINO_REQUIREMENT]
-        if still:
-            raise DependencyInstallError(f"pip finished but these are still missing: {', '.join(still)}. See the Python console for pip's output.")
-        return failed
-
-    # ------------------------------------------------------------------ models
     def importModel(self, path: str) -> str:
-        """Validate a model folder (or its model.onnx / model.json) and copy it into :func:`userModelsDirectory`.
-
-        Returns the new folder. Raises ``SegmentationError`` (``model_*`` codes) for a bad model.
-        """
-        import shutil
-
-        _libraries()
-        from SpineContextSegLib.inference.model_files import CARD_FILE, ONNX_FILE, TORCH_FILE, load_model
-
-        bundle = load_model(path)  # checks model.json and the sha256 of model.onnx
-        mrml_io, _worker_process = _libraries()
-        name = mrml_io.safe_file_name(f"{bundle.card.name}-v{bundle.card.version}") or "model"
-        destination = os.path.join(userModelsDirectory(), name)
-        if os.path.abspath(destination) == os.path.abspath(bundle.directory):
-            return destination
-        staging = destination + ".importing"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        for filename in (ONNX_FILE, CARD_FILE, TORCH_FILE):
-            source = os.path.join(bundle.directory, filename)
-            if os.path.isfile(source):
-                shutil.copy2(source, os.path.join(staging, filename))
-        load_model(staging)  # the copy is intact
-        shutil.rmtree(destination, ignore_errors=True)
-        os.replace(staging, destination)
-        return destination
+        """Check a model folder (or its model.onnx / model.json), copy it to the user's models; return the copy."""
+        return _helper("model_import").importModel(path)
 
     # ------------------------------------------------------------------ segmentation
-    def process(
-        self,
-        inputVolume,
-        outputSegmentation,
-        *,
-        device: str = "auto",
-        task: str = "spine",
-        model: Optional[str] = None,
-        overlap: Optional[float] = None,
-        threads: Optional[int] = None,
-        showResult: bool = True,
-        waitForCompletion: bool = True,
-        eventCallback: Optional[Callable[[Any], None]] = None,
-        timeoutSeconds: Optional[float] = None,
-    ) -> SegmentationRun:
-        """Segment ``inputVolume`` into ``outputSegmentation`` with the background worker.
+    def process(self, inputVolume, outputSegmentation, *, device: str = "auto", task: str = "spine", model: Optional[str] = None,
+                overlap: Optional[float] = None, threads: Optional[int] = None, showResult: bool = True, waitForCompletion: bool = True,
+                eventCallback: Optional[Callable[[Any], None]] = None, timeoutSeconds: Optional[float] = None):
+        """Segment ``inputVolume`` into ``outputSegmentation`` with the background worker; returns the ``SegmentationRun``.
 
-        Parameters
-        ----------
-        inputVolume : vtkMRMLScalarVolumeNode
-            CT in Hounsfield units; may be under a linear transform (hardened into the
-            exported geometry); a non-linear transform is refused.
-        outputSegmentation : vtkMRMLSegmentationNode
-            Receives one segment per label (its previous segments are replaced), the input's
-            reference geometry and parent transform, and a place next to the input in the
-            subject hierarchy.
-        device : {"auto", "cpu", "cuda"}
-        task : {"spine", "vertebrae"}
-        model : str, optional
-            Model folder or model.onnx; default the bundled model.
-        overlap : float, optional
-            Tile overlap in [0, 1); default the model's.
-        threads : int, optional
-            CPU threads; default all cores but one.
-        showResult : bool
-            Create the closed surface, show it in 3D and centre the 3D view.
-        waitForCompletion : bool
-            True (scripts, tests): block until done, raise ``SegmentationError`` on failure or
-            cancel. False (GUI): return at once; events arrive on the GUI thread.
-        eventCallback : callable, optional
-            ``eventCallback(event)`` with ``worker_process.WorkerEvent`` objects: ``status``,
-            ``started``, ``progress``, ``warning``, ``log``, ``error`` and finally ``finished``
-            (``event.outcome``: status ``succeeded``/``failed``/``cancelled``, code, message).
-        timeoutSeconds : float, optional
-            With ``waitForCompletion``: cancel after this long.
-
-        Returns
-        -------
-        SegmentationRun
-            ``.outcome`` when finished, ``.segmentIds`` of the imported segments.
+        Blocks and raises ``SegmentationError`` on failure or cancel unless ``waitForCompletion`` is False.
+        The arguments: :meth:`SpineContextSegSlicerLib.segmentation_run.SegmentationRunner.process`.
         """
-        mrml_io, worker_process = _libraries()
-        if self.activeRun is not None:
-            raise RuntimeError("A segmentation is already running; cancel it or wait for it to finish.")
-        if inputVolume is None or outputSegmentation is None:
-            raise ValueError("inputVolume and outputSegmentation are required")
-        mrml_io.check_input_volume(inputVolume)
-
-        tempDir = worker_process.create_temp_dir(slicer.app.temporaryPath)
-        run = SegmentationRun(inputVolume, outputSegmentation, task, showResult, tempDir, eventCallback=eventCallback)
-        try:
-            self._notify(run, "status", _("Writing the input volume for the worker\u2026"))
-            inputPath = os.path.join(tempDir, "input.nrrd")
-            run.exportedIjkToRas = mrml_io.export_volume(inputVolume, inputPath)
-            cancelFile = os.path.join(tempDir, "cancel")
-            command = worker_process.build_worker_command(
-                pythonExecutable(),
-                inputPath,
-                os.path.join(tempDir, "result.nrrd"),
-                model=model,
-                device=device,
-                threads=threads,
-                overlap=overlap,
-                task=task,
-                cancel_file=cancelFile,
-                roi_path=os.path.join(tempDir, "roi.json"),
-                centreline_path=os.path.join(tempDir, "centreline.json"),
-            )
-        except Exception:
-            import shutil
-
-            shutil.rmtree(tempDir, ignore_errors=True)
-            raise
-        if self.keepTemporaryFiles:
-            self._notify(run, "status", _("Temporary files are kept in {folder}").format(folder=tempDir))
-        from SpineContextSegSlicerLib import library_parent_dir
-
-        run.worker = worker_process.WorkerProcess(
-            command,
-            temp_dir=tempDir,
-            cancel_file=cancelFile,
-            env=worker_process.worker_environment(library_parent_dir()),
-            cwd=tempDir,
-            on_event=lambda event: self._onWorkerEvent(run, event),
-            grace_s=self.cancelGraceSeconds,
-            keep_temp_dir=self.keepTemporaryFiles,
+        return self.runner.process(
+            inputVolume, outputSegmentation, device=device, task=task, model=model, overlap=overlap, threads=threads,
+            showResult=showResult, waitForCompletion=waitForCompletion, eventCallback=eventCallback, timeoutSeconds=timeoutSeconds,
+            keepTemporaryFiles=self.keepTemporaryFiles, cancelGraceSeconds=self.cancelGraceSeconds, pollIntervalMsec=self.pollIntervalMsec,
         )
-        logging.info(f"SpineContextSeg: starting {' '.join(command)}")
-        self.activeRun = run
-        self._watchForShutdown()
-        if waitForCompletion:
-            # Own reader thread; the GUI keeps painting while we wait (no tight processEvents spin).
-            try:
-                run.worker.start(launcher=_launchConsoleProcess)
-                run.worker.wait(timeout_s=timeoutSeconds, idle=_processEvents)
-            finally:
-                if self.activeRun is None:
-                    self._unwatchForShutdown()
-            if not run.outcome.succeeded:
-                raise run.outcome.to_exception()
-            return run
-        if supportsNonBlockingLaunch():
-            run.worker.start_streaming(_launchConsoleProcessNonBlocking)  # Slicer 5.12+
-        else:
-            run.worker.start(launcher=_launchConsoleProcess)  # 5.8-5.10: our reader thread + QTimer
-        self._startTimer()
-        if run.worker.finished:  # failed to start: the finished event was already delivered
-            self._stopTimer()
-        return run
 
     def cancel(self) -> None:
         """Ask the running worker to stop (cancel file), killing it after ``cancelGraceSeconds``."""
-        if self.activeRun is not None and self.activeRun.worker is not None:
-            self.activeRun.worker.cancel()
+        if self._runner is not None:
+            self._runner.cancel()
 
     def stop(self, timeoutSeconds: float = 3.0) -> None:
         """Stop a running worker now and wait (briefly) for it: scene close, module unload, quit."""
-        run = self.activeRun
-        if run is None or run.worker is None:
-            return
-        run.showResult = False
-        run.worker.cancel()
-        run.worker.kill()
-        run.worker.wait(timeout_s=timeoutSeconds)
-        self._stopTimer()
+        if self._runner is not None:
+            self._runner.stop(timeoutSeconds)
 
     def cleanup(self) -> None:
-        """Tear the logic down (the widget's ``cleanup``: module unloaded, Slicer closing).
+        """Tear the logic down (the widget's ``cleanup``): stop the worker, drop the runner's connections and timer."""
+        if self._runner is not None:
+            self._runner.cleanup()
 
-        Stops a running worker, then removes everything that refers back to this logic: the
-        ``aboutToQuit`` connection, the scene-close observer and the polling timer. Afterwards
-        nothing outside holds the logic, so it is freed.
-        """
-        self.stop()
-        self._unwatchForShutdown()
-        if self._timer is not None:
-            self._timer.stop()
-            if self._pollSlot is not None:
-                self._timer.disconnect("timeout()", self._pollSlot)
-            self._timer = None
-            self._pollSlot = None
-
-    def _poll(self) -> None:
-        run = self.activeRun
-        if run is None or run.worker is None:
-            self._stopTimer()
-            return
-        run.worker.poll()
-        if run.worker.finished:
-            self._stopTimer()
-
-    def _startTimer(self) -> None:
-        if self._timer is None:
-            self._timer = qt.QTimer()
-            self._timer.setInterval(self.pollIntervalMsec)
-            self._pollSlot = self._poll
-            self._timer.connect("timeout()", self._pollSlot)
-        self._timer.start()
-
-    def _stopTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.stop()
-
-    def _watchForShutdown(self) -> None:
-        """While a run is active: stop the worker when the scene closes or Slicer quits, even without the widget.
-
-        Undone by :meth:`_unwatchForShutdown` when the run finishes and by :meth:`cleanup`, so
-        neither the application nor the scene keeps the logic alive.
-        """
-        if self._quitSlot is None:
-            self._quitSlot = self.stop  # keep this very object: disconnect() must get the same callable
-            slicer.app.connect("aboutToQuit()", self._quitSlot)
-        if self._sceneObserver is None:
-            scene = slicer.mrmlScene
-            self._sceneObserver = (scene, scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose))
-
-    def _unwatchForShutdown(self) -> None:
-        if self._quitSlot is not None:
-            slicer.app.disconnect("aboutToQuit()", self._quitSlot)
-            self._quitSlot = None
-        if self._sceneObserver is not None:
-            scene, tag = self._sceneObserver
-            scene.RemoveObserver(tag)
-            self._sceneObserver = None
-
-    def _onSceneStartClose(self, caller, event) -> None:
-        self.stop()  # the nodes the result would go into are going away
-
-    def _notify(self, run: SegmentationRun, kind: str, text: str) -> None:
-        _mrml_io, worker_process = _libraries()
-        logging.info(f"SpineContextSeg: {text}")
-        self._callback(run, worker_process.WorkerEvent(kind, message={"text": text}, line=text))
-
-    @staticmethod
-    def _callback(run: SegmentationRun, event) -> None:
-        """Deliver an event to the caller; a failing callback (GUI bug) never changes the run's outcome."""
-        if run.eventCallback is None:
-            return
-        try:
-            run.eventCallback(event)
-        except Exception:
-            logging.exception(f"SpineContextSeg: the event callback failed on a '{event.kind}' event")
-
-    def _onWorkerEvent(self, run: SegmentationRun, event) -> None:
-        """Called on the polling thread (the GUI thread) for every worker event."""
-        mrml_io, worker_process = _libraries()
-        if event.kind == "finished":
-            outcome = event.outcome
-            if outcome.succeeded and run.outputSegmentation.GetScene() is None:
-                outcome.status, outcome.code = worker_process.CANCELLED, "cancelled"
-                outcome.message = "The output segmentation was removed; nothing was imported."
-            if outcome.succeeded:
-                self._notify(run, "status", _("Importing the result\u2026"))
-                try:
-                    self.importResult(run, outcome.result)
-                except Exception as error:  # keep the failure in the outcome the caller sees
-                    logging.exception("SpineContextSeg: importing the result failed")
-                    outcome.status = worker_process.FAILED
-                    outcome.code = getattr(error, "code", worker_process.RESULT_IMPORT_FAILED)
-                    outcome.message = getattr(error, "message", None) or f"Importing the result failed: {error}"
-            run.outcome = outcome
-            self.lastRun = run
-            if self.activeRun is run:
-                self.activeRun = None
-                self._unwatchForShutdown()
-            logging.info(f"SpineContextSeg: {outcome.status}: {outcome.message}")
-        self._callback(run, event)
-
-    def importResult(self, run: SegmentationRun, result: Dict[str, Any]) -> List[str]:
-        """Import the worker's label map (one ``ImportLabelmapToSegmentationNode`` call), ROI and centreline, then surface and view."""
-        mrml_io, _worker_process = _libraries()
-        labels = result.get("labels") or defaultLabels(run.task)
-        maskPath = (result.get("outputs") or {}).get("mask")
-        if not maskPath:
-            raise RuntimeError("the worker's result line names no mask file")
-        run.segmentIds = mrml_io.import_label_map(
-            maskPath, run.outputSegmentation, labels, run.inputVolume, exported_ijk_to_ras=run.exportedIjkToRas, task=run.task
-        )
-        # the spine's box (hidden Markups ROI, for cropping or downstream modules) and the centreline
-        # through the vertebral bodies (Markups curve with the sagittal/coronal curvature as attributes)
-        outputs = result.get("outputs") or {}
-        if outputs.get("roi"):
-            mrml_io.import_spine_roi(outputs["roi"], run.outputSegmentation, run.inputVolume)
-        if outputs.get("centreline"):
-            mrml_io.import_centreline(outputs["centreline"], run.outputSegmentation, run.inputVolume)
-        mrml_io.create_closed_surface(run.outputSegmentation, show_in_3d=run.showResult)
-        if run.showResult:
-            showResultInViews(run.inputVolume, run.outputSegmentation)
-        return run.segmentIds
+    def importResult(self, run, result: Dict[str, Any]) -> List[str]:
+        """Import the worker's label map, ROI and centreline into ``run``'s segmentation, then surface and view."""
+        return self.runner.importResult(run, result)
 
     # ------------------------------------------------------------------ export
-    def exportStl(
-        self,
-        segmentationNode,
-        folder: str,
-        *,
-        vertebrae: str = "",
-        merge: bool = False,
-        sizeScale: float = 1.0,
-        lps: bool = True,
-    ) -> List[str]:
-        """Write closed surfaces as STL; ``vertebrae`` (e.g. ``"L1-L5"``) selects a subset by name.
-
-        Returns the files written. Raises ``SegmentationError`` with a clear message when the
-        subset matches no segment or the folder cannot be written.
-        """
-        mrml_io, _worker_process = _libraries()
-        from SpineContextSegLib.errors import SegmentationError
-
-        if segmentationNode is None:
-            raise ValueError("no segmentation selected")
-        segmentIds = None
-        if vertebrae and vertebrae.strip() and vertebrae.strip().lower() != "all":
-            from SpineContextSegLib.labels import parse_vertebra_range, vertebra_by_verse_id
-
-            try:
-                names = [vertebra_by_verse_id(v).name for v in parse_vertebra_range(vertebrae)]
-            except ValueError as error:
-                raise SegmentationError("input_format", f"Vertebra subset '{vertebrae}': {error}") from None
-            segmentIds = mrml_io.segment_ids_by_name(segmentationNode, names)
-            if not segmentIds:
-                raise SegmentationError(
-                    "no_spine_found",
-                    f"'{segmentationNode.GetName()}' has no segment named {', '.join(names)}. "
-                    "A vertebra subset needs a Vertebrae-task result; clear the field to export every segment.",
-                )
-        segmentationNode.CreateClosedSurfaceRepresentation()
-        return mrml_io.export_stl(segmentationNode, folder, segment_ids=segmentIds, merge=merge, size_scale=sizeScale, lps=lps)
-
-
-def defaultLabels(task: str) -> List[Dict[str, Any]]:
-    """The label table when a result line carries none (older workers)."""
-    _libraries()
-    from SpineContextSegLib.labels import labels_for_task
-
-    return [label.to_json() for label in labels_for_task(task)]
-
-
-def showResultInViews(volumeNode, segmentationNode) -> None:
-    """Show the CT behind the segmentation and centre the 3D view on the result."""
-    slicer.util.setSliceViewerLayers(background=volumeNode, fit=False)
-    layoutManager = slicer.app.layoutManager()
-    if layoutManager is None or layoutManager.threeDViewCount == 0:  # no main window (tests)
-        return
-    threeDView = layoutManager.threeDWidget(0).threeDView()
-    threeDView.resetFocalPoint()
-    threeDView.resetCamera()
-
-
-def pythonExecutable() -> str:
-    """``PythonSlicer`` (inside Slicer ``sys.executable`` is that launcher)."""
-    import shutil
-
-    return shutil.which("PythonSlicer") or sys.executable
-
-
-def supportsNonBlockingLaunch() -> bool:
-    """Slicer 5.12+: ``launchConsoleProcess(blocking=False, logCallback, completedCallback)``."""
-    import inspect
-
-    try:
-        return "blocking" in inspect.signature(slicer.util.launchConsoleProcess).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _launchConsoleProcess(command, env, cwd):
-    return slicer.util.launchConsoleProcess(command, updateEnvironment=env, cwd=cwd)
-
-
-def _launchConsoleProcessNonBlocking(command, env, cwd, onLine, onExit):
-    return slicer.util.launchConsoleProcess(
-        command, updateEnvironment=env, cwd=cwd, blocking=False, logCallback=onLine, completedCallback=onExit
-    )
-
-
-def _processEvents() -> None:
-    slicer.app.processEvents()
+    def exportStl(self, segmentationNode, folder: str, *, vertebrae: str = "", merge: bool = False, sizeScale: float = 1.0, lps: bool = True) -> List[str]:
+        """Write closed surfaces as STL; ``vertebrae`` (e.g. ``"L1-L5"``) selects a subset by name. Returns the files."""
+        return _helper("stl_export").exportStl(segmentationNode, folder, vertebrae=vertebrae, merge=merge, sizeScale=sizeScale, lps=lps)
 
 
 #
@@ -1216,126 +573,25 @@ class SpineContextSegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def _loadSample(self):
+        """The bundled sample CT, loaded through Sample Data; and the steps (``SpineContextSegSlicerLib.selftest``)."""
         self.assertTrue(registerSampleData(), "the bundled sample CT could not be registered")
         import SampleData
 
         volume = SampleData.downloadSample(SAMPLE_NAME)  # a file:// copy: no network
         self.assertIsNotNone(volume, "the sample CT did not load")
-        return volume
-
-    def _workerReady(self, logic) -> bool:
-        """True when the worker's packages are installed; otherwise skip (installing needs the network)."""
-        requirements, _uninstall = logic.missingDependencies("cpu")
-        if not requirements:
-            return True
-        reason = f"not installed: {', '.join(requirements)} (the self-test never installs packages: that needs the network)"
-        self.delayDisplay(f"Skipped: {reason}")
-        logging.warning(f"SpineContextSegTest: skipped, {reason}")
-        if getattr(self, "_outcome", None) is not None:  # run by unittest (ctest): report a skip, not a pass
-            self.skipTest(reason)
-        return False
-
-    def _waitUntilIdle(self, logic, seconds):
-        import time
-
-        deadline = time.time() + seconds
-        while logic.isRunning and time.time() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
+        return volume, _helper("selftest")
 
     def test_SegmentSurfaceExport(self):
-        import tempfile
-
-        import numpy as np
-
         self.delayDisplay("Loading the sample CT")
-        volume = self._loadSample()
+        volume, steps = self._loadSample()
         logic = SpineContextSegLogic()
-        if not self._workerReady(logic):
-            return
-
-        self.delayDisplay("Segmenting on the CPU")
-        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "sample spine")
-        events = []
-        run = logic.process(volume, segmentation, device="cpu", eventCallback=events.append)
-        self.assertTrue(run.outcome.succeeded, run.outcome.message)
-        kinds = [event.kind for event in events]
-        self.assertIn("started", kinds)
-        self.assertIn("progress", kinds)
-        self.assertEqual(kinds[-1], "finished")
-        self.assertFalse(os.path.exists(run.tempDir), "temporary folder left behind")
-
-        self.assertGreaterEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 1)
-        segmentId = run.segmentIds[0]
-        segment = segmentation.GetSegmentation().GetSegment(segmentId)
-        self.assertEqual(segment.GetName(), "Spine")
-        self.assertFalse(segment.GetNameAutoGenerated())
-        self.assertFalse(segment.GetColorAutoGenerated())
-        self.assertTrue(segment.HasTag(slicer.vtkSegment.GetTerminologyEntryTagName()))
-        from SpineContextSegLib.labels import TERMINOLOGY_CONTEXT
-
-        entry = slicer.vtkSlicerTerminologyEntry()
-        terminologyLogic = slicer.modules.terminologies.logic()
-        self.assertEqual(loadTerminology(), TERMINOLOGY_CONTEXT)  # our context, loaded at start-up (again here)
-        tag = vtk.reference("")
-        segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
-        self.assertTrue(terminologyLogic.DeserializeTerminologyEntry(str(tag), entry))
-        self.assertEqual(entry.GetTerminologyContextName(), TERMINOLOGY_CONTEXT)
-        self.assertEqual(segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()), volume)
-        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volume)
-        self.assertEqual(mask.shape, slicer.util.arrayFromVolume(volume).shape)  # the input's grid
-        self.assertGreater(int(np.count_nonzero(mask)), 1000)
-        surface = segmentation.GetClosedSurfaceInternalRepresentation(segmentId)
-        self.assertIsNotNone(surface)
-        self.assertGreater(surface.GetNumberOfPoints(), 0)
-        roi = slicer.mrmlScene.GetNodeByID(segmentation.GetAttribute("SpineContextSeg.RoiNodeID"))
-        curve = slicer.mrmlScene.GetNodeByID(segmentation.GetAttribute("SpineContextSeg.CentrelineNodeID"))
-        self.assertTrue(roi is not None and roi.IsA("vtkMRMLMarkupsROINode"))
-        self.assertTrue(curve is not None and curve.GetNumberOfControlPoints() >= 2)
-        roiCentre = [0.0, 0.0, 0.0]
-        roi.GetCenterWorld(roiCentre)
-        bounds = [0.0] * 6
-        segmentation.GetRASBounds(bounds)
-        for axis in range(3):  # the box is around the segmentation
-            self.assertTrue(bounds[2 * axis] - 1.0 <= roiCentre[axis] <= bounds[2 * axis + 1] + 1.0)
-
-        self.delayDisplay("Exporting STL")
-        folder = tempfile.mkdtemp(prefix="scs-test-stl-")
-        paths = logic.exportStl(segmentation, folder)
-        self.assertEqual([os.path.basename(p) for p in paths], ["sample spine_Spine.stl"])
-        self.assertGreater(os.path.getsize(paths[0]), 84)
-        merged = logic.exportStl(segmentation, folder, merge=True, sizeScale=0.001)
-        self.assertEqual(os.path.basename(merged[0]), "sample spine.stl")
-        self.delayDisplay("Segment, surface and export passed")
+        if steps.workerReady(self, logic):
+            steps.segmentSurfaceExport(self, logic, volume, loadTerminology)
 
     def test_CancelReturnsToIdle(self):
-        volume = self._loadSample()
+        volume, steps = self._loadSample()
         logic = SpineContextSegLogic()
-        if not self._workerReady(logic):
-            return
-
-        self.delayDisplay("Cancelling a run through the logic")
-        output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "cancelled")
-        run = logic.process(volume, output, device="cpu", waitForCompletion=False)
-        self.assertTrue(logic.isRunning)
-        logic.cancel()
-        self._waitUntilIdle(logic, logic.cancelGraceSeconds + 30)
-        self.assertFalse(logic.isRunning, "the run did not return to idle after cancel")
-        self.assertEqual(run.outcome.status, "cancelled")
-        self.assertEqual(output.GetSegmentation().GetNumberOfSegments(), 0)
-        self.assertFalse(os.path.exists(run.tempDir))
-
-        self.delayDisplay("Cancelling a run from the panel")
-        widget = slicer.util.getModuleWidget("SpineContextSeg")  # entered or not: setUp closed the scene
-        parameters = widget.ensureParameterNode()
-        parameters.inputVolume = volume
-        parameters.device = "CPU"
-        widget.onApplyButton()
-        self.assertEqual(widget._state, RUNNING)
-        self.assertEqual(widget.ui.applyButton.text, "Cancel")
-        widget.onApplyButton()  # the same button cancels
-        self._waitUntilIdle(widget.logic, widget.logic.cancelGraceSeconds + 30)
-        self.assertEqual(widget._state, IDLE)
-        self.assertEqual(widget.ui.applyButton.text, "Segment spine")
-        self.assertFalse(widget.ui.progressBar.visible)
-        self.delayDisplay("Cancel passed")
+        if steps.workerReady(self, logic):
+            steps.cancelThroughTheLogic(self, logic, volume)
+            widget = slicer.util.getModuleWidget("SpineContextSeg")  # entered or not: setUp closed the scene
+            steps.cancelFromThePanel(self, widget, volume, running=RUNNING, idle=IDLE)

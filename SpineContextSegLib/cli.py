@@ -93,7 +93,7 @@ def _case_stem(path: str) -> str:
 
 
 def _is_dicom_folder(path: str) -> bool:
-    from SpineContextSegLib.io.images import dicom_series_ids
+    from SpineContextSegLib.io.dicom import dicom_series_ids
 
     return bool(dicom_series_ids(path))
 
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_run_info)
 
     for name, module, help_text in (
-        ("train", "training.trainer", "train a model (phantoms, VerSe, CTSpine1K, images/labels folders)"),
+        ("train", "training.command", "train a model (phantoms, VerSe, CTSpine1K, images/labels folders)"),
         ("evaluate", "evaluation.evaluate", "score a model or predictions against labels (slab Dice, HD95, ...)"),
         ("bench", "evaluation.bench", "time the pipeline against the paper's reference pipeline"),
     ):

@@ -25,7 +25,7 @@ def json_lines(stdout):
 
 
 def test_sample_run_writes_mask_on_the_input_grid_a_watertight_stl_and_a_qc_picture(tmp_path, tiny_model_dir):
-    from SpineContextSegLib.io.meshing import is_watertight, read_stl
+    from SpineContextSegLib.io.stl import is_watertight, read_stl
 
     out = tmp_path / "out"
     completed = run_cli("segment", "--sample", "-o", str(out), "--model", tiny_model_dir, "--progress", "none")
@@ -178,7 +178,7 @@ def test_info_labels_random_weights(tiny_model_dir):
 
 
 def test_mesh_command(tmp_path):
-    from SpineContextSegLib.io.meshing import is_watertight, read_stl
+    from SpineContextSegLib.io.stl import is_watertight, read_stl
 
     label = sitk.GetImageFromArray((sitk.GetArrayFromImage(make_ct_image()) > 300).astype("uint8"))
     sitk.WriteImage(label, str(tmp_path / "label.nii.gz"))

@@ -1,4 +1,4 @@
-"""Dataset discovery, label mapping and grids of SpineContextSegLib.io.datasets, on tiny fake trees."""
+"""Dataset discovery and label mapping of SpineContextSegLib.io.datasets, and label grids (io.grids), on tiny fake trees."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.io.datasets import Case, find_cases, guess_label_format, on_grid_of, patient_level_split
+from SpineContextSegLib.io.datasets import Case, find_cases, guess_label_format, patient_level_split
+from SpineContextSegLib.io.grids import on_grid_of
 from SpineContextSegLib.errors import SegmentationError
 
 SHAPE = (6, 8, 10)  # numpy (z, y, x)

@@ -10,7 +10,7 @@ CPU for ONNX Runtime, OpenVINO (fp32 and bf16, the default on CPUs with native b
 torch, with fresh engines and in fresh processes. Not
 guaranteed, and not tested: a different thread count (the reduction order may change the
 last bits), and CUDA (onnxruntime-gpu and torch pick cuDNN algorithms at run time), see
-the README (Troubleshooting, Notes).
+docs/troubleshooting.md (Notes).
 """
 from __future__ import annotations
 

@@ -179,7 +179,7 @@ def test_a_vertebra_label_map_round_trips_per_segment_with_its_codes(tmp_path, d
 
 def test_the_vertebrae_task_writes_one_segment_per_named_vertebra(tmp_path, bundle):
     pytest.importorskip("highdicom")
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     phantom = generate_phantom(4, first_level="T12", last_level="L3", spacing_mm=3.0, field_of_view="spine", noise_hu=10.0, screws=False)
     series = write_ct_series(
@@ -219,7 +219,8 @@ def test_the_command_line_writes_a_dicom_seg_roi_and_centreline_for_a_dicom_fold
 
 def test_a_seg_written_into_the_ct_folder_leaves_it_one_series(tmp_path):
     pytest.importorskip("highdicom")
-    from SpineContextSegLib.io.images import dicom_series_ids, read_image, write_labelmap
+    from SpineContextSegLib.io.dicom import dicom_series_ids
+    from SpineContextSegLib.io.images import read_image, write_labelmap
 
     series = write_ct_series(str(tmp_path / "ct"), synthetic_ct((32, 32, 8)))
     ct = read_image(str(tmp_path / "ct"))

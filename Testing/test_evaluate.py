@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from SpineContextSegLib.evaluation import evaluate, metrics
+from SpineContextSegLib.io.grids import GridMismatchError
 from SpineContextSegLib.errors import SegmentationError
 
 SPACING_XYZ = (0.8, 0.8, 1.5)
@@ -115,7 +116,7 @@ def test_evaluate_cases_options():
 def test_evaluate_cases_rejects_prediction_off_grid():
     labels, gt, ct, pred = _arrays()
     case = StandInCase("a", _image(ct), _image(labels))
-    with pytest.raises(metrics.GridMismatchError, match="CT's voxel grid"):
+    with pytest.raises(GridMismatchError, match="CT's voxel grid"):
         evaluate.evaluate_cases([case], lambda ct_img: _image(pred, "PIR"))
 
 

@@ -38,7 +38,7 @@ import hostile_corpus
 from conftest import ROOT, make_ct_image
 from hostile_corpus import build_corpus, evaluate, listing, run_grouped, run_own_process, snapshot
 
-from SpineContextSegLib.io import files as fileio, images as imageio
+from SpineContextSegLib.io import files as fileio, images as imageio, memory as memoryio
 from SpineContextSegLib.inference.engine import InferenceEngine, is_out_of_memory
 from SpineContextSegLib.errors import ERROR_CODES, SegmentationError, troubleshooting_markdown
 from SpineContextSegLib.inference.model_files import load_model
@@ -250,7 +250,7 @@ def test_other_engine_failures_are_not_mistaken_for_memory(bundle):
 def test_memory_is_checked_before_resampling(tmp_path, bundle, monkeypatch):
     from SpineContextSegLib.inference import preprocessing
 
-    monkeypatch.setattr(imageio, "available_memory_bytes", lambda: 100_000)
+    monkeypatch.setattr(memoryio, "available_memory_bytes", lambda: 100_000)
     monkeypatch.setattr(preprocessing, "to_canonical", lambda *a, **k: pytest.fail("resampled before the memory check"))
     engine = BoneThresholdEngine()
     with pytest.raises(SegmentationError) as error:
@@ -263,7 +263,7 @@ def test_memory_is_checked_before_resampling(tmp_path, bundle, monkeypatch):
 def test_memory_is_checked_from_the_header_before_reading_voxels(tmp_path, monkeypatch):
     path = tmp_path / "ct.nrrd"
     sitk.WriteImage(make_ct_image(), str(path))
-    monkeypatch.setattr(imageio, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(memoryio, "available_memory_bytes", lambda: 10_000)
     monkeypatch.setattr(sitk.ImageFileReader, "Execute", lambda self: pytest.fail("voxels read before the memory check"))
     with pytest.raises(SegmentationError) as error:
         imageio.read_image(str(path))
@@ -272,7 +272,7 @@ def test_memory_is_checked_from_the_header_before_reading_voxels(tmp_path, monke
 
 
 def test_available_memory_is_known_and_positive_on_linux():
-    available = imageio.available_memory_bytes()
+    available = memoryio.available_memory_bytes()
     if sys.platform.startswith("linux"):
         assert available is not None and 2 ** 26 < available < 2 ** 50
 
@@ -458,13 +458,13 @@ def test_sigkill_at_a_random_moment_leaves_nothing_partial(tmp_path, tiny_model_
 
 
 # ----------------------------------------------------------------------------- documentation
-def test_readme_troubleshooting_table_is_generated_from_the_error_codes():
+def test_troubleshooting_page_is_generated_from_the_error_codes():
     from SpineContextSegLib.errors import README_BEGIN, README_END
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
-        readme = handle.read()
-    block = readme.split(README_BEGIN + "\n", 1)[1].split(README_END, 1)[0]
-    assert block == troubleshooting_markdown(), "regenerate: python -m SpineContextSegLib.errors README.md"
+    with open(os.path.join(ROOT, "docs", "troubleshooting.md"), encoding="utf-8") as handle:
+        page = handle.read()
+    block = page.split(README_BEGIN + "\n", 1)[1].split(README_END, 1)[0]
+    assert block == troubleshooting_markdown(), "regenerate: python -m SpineContextSegLib.errors docs/troubleshooting.md"
     text = troubleshooting_markdown()
     for code, kind in ERROR_CODES.items():
         assert f"| `{code}` | {kind.exit_status} |" in text

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.io import meshing
+from SpineContextSegLib.io import meshing, stl
 from SpineContextSegLib.errors import Cancelled, SegmentationError
 
 SPACING = (0.8, 1.1, 1.6)  # anisotropic, mm
@@ -92,7 +92,7 @@ def mass_properties_volume(polydata):
 
 
 def raw_stl_vertices(path):
-    records = np.fromfile(path, dtype=meshing._STL_RECORD, offset=84)
+    records = np.fromfile(path, dtype=stl._STL_RECORD, offset=84)
     return records["vertices"].astype(float), records["normal"].astype(float)
 
 
@@ -111,7 +111,7 @@ def sphere_case(request):
 def test_surface_is_closed_outward_and_at_the_mask_position(sphere_case, method):
     name, direction, labels, image = sphere_case
     surface = meshing.labelmap_to_surface(image, 1, method=method)
-    assert meshing.is_watertight(surface)
+    assert stl.is_watertight(surface)
 
     mask_volume = labels.sum() * np.prod(SPACING)
     volume, centroid = signed_volume_and_centroid(surface)
@@ -147,7 +147,7 @@ def test_decimation_keeps_a_closed_surface_with_fewer_triangles():
     full = meshing.labelmap_to_surface(image)
     reduced = meshing.labelmap_to_surface(image, decimation=0.5)
     assert reduced.GetNumberOfPolys() < 0.7 * full.GetNumberOfPolys()
-    assert meshing.is_watertight(reduced)
+    assert stl.is_watertight(reduced)
     assert mass_properties_volume(reduced) == pytest.approx(labels.sum() * np.prod(SPACING), rel=0.10)
 
 
@@ -157,7 +157,7 @@ def test_cube_touching_the_volume_border_gives_a_closed_surface():
     direction = GEOMETRIES["oblique_flipped"]
     image = make_image(labels, direction)
     surface = meshing.labelmap_to_surface(image, smoothing=0.0)
-    assert meshing.is_watertight(surface)
+    assert stl.is_watertight(surface)
     volume, _ = signed_volume_and_centroid(surface)
     # Unsmoothed flying edges cuts the cube's edges and corners: a few per cent under.
     assert volume == pytest.approx(labels.sum() * np.prod(SPACING), rel=0.10)
@@ -184,14 +184,14 @@ def test_stl_header_and_ras_is_lps_with_x_and_y_negated(tmp_path):
     direction = GEOMETRIES["oblique_flipped"]
     labels = sphere_labels(SHAPE, direction, volume_centre_mm(SHAPE, direction), radius_mm=8.0)
     surface = meshing.labelmap_to_surface(make_image(labels, direction))
-    lps_path = meshing.write_stl(surface, str(tmp_path / "lps.stl"))
-    ras_path = meshing.write_stl(surface, str(tmp_path / "ras.stl"), space="RAS")
+    lps_path = stl.write_stl(surface, str(tmp_path / "lps.stl"))
+    ras_path = stl.write_stl(surface, str(tmp_path / "ras.stl"), space="RAS")
 
     with open(lps_path, "rb") as stream:
         header = stream.read(80)
     assert header.startswith(b"SpineContextSeg SPACE=LPS UNITS=mm")
     assert not header.startswith(b"solid")
-    assert meshing.read_stl_header(ras_path) == "SpineContextSeg SPACE=RAS UNITS=mm"
+    assert stl.read_stl_header(ras_path) == "SpineContextSeg SPACE=RAS UNITS=mm"
     assert os.path.getsize(lps_path) == 84 + 50 * surface.GetNumberOfPolys()
 
     lps_vertices, lps_normals = raw_stl_vertices(lps_path)
@@ -200,8 +200,8 @@ def test_stl_header_and_ras_is_lps_with_x_and_y_negated(tmp_path):
     np.testing.assert_allclose(ras_normals, lps_normals * [-1, -1, 1], atol=1e-5)
 
     for path in (lps_path, ras_path):
-        reread = meshing.read_stl(path)
-        assert meshing.is_watertight(reread)
+        reread = stl.read_stl(path)
+        assert stl.is_watertight(reread)
         assert signed_volume_and_centroid(reread)[0] > 0  # RAS is a rotation: still outward
     # Facet normals follow the right-hand rule of the stored winding, i.e. point outwards.
     centre = lps_vertices.mean(axis=(0, 1))
@@ -212,11 +212,11 @@ def test_ascii_stl_round_trip(tmp_path):
     labels = np.zeros((10, 10, 10), dtype=np.uint8)
     labels[3:7, 3:7, 3:7] = 1
     surface = meshing.labelmap_to_surface(make_image(labels, np.eye(3)))
-    path = meshing.write_stl(surface, str(tmp_path / "ascii.stl"), binary=False)
-    assert meshing.read_stl_header(path) == "solid SpineContextSeg SPACE=LPS UNITS=mm"
-    reread = meshing.read_stl(path)
+    path = stl.write_stl(surface, str(tmp_path / "ascii.stl"), binary=False)
+    assert stl.read_stl_header(path) == "solid SpineContextSeg SPACE=LPS UNITS=mm"
+    reread = stl.read_stl(path)
     assert reread.GetNumberOfPolys() == surface.GetNumberOfPolys()
-    assert meshing.is_watertight(reread)
+    assert stl.is_watertight(reread)
 
 
 def test_is_watertight_rejects_an_open_surface():
@@ -224,11 +224,11 @@ def test_is_watertight_rejects_an_open_surface():
 
     sphere = vtkSphereSource()
     sphere.Update()
-    assert meshing.is_watertight(sphere.GetOutput())
+    assert stl.is_watertight(sphere.GetOutput())
     plane = vtkPlaneSource()
     plane.SetResolution(3, 3)
     plane.Update()
-    assert not meshing.is_watertight(plane.GetOutput())  # quads, triangulated; border edges are single
+    assert not stl.is_watertight(plane.GetOutput())  # quads, triangulated; border edges are single
 
 
 def two_vertebrae():
@@ -252,8 +252,8 @@ def test_per_label_files_are_named_and_placed(tmp_path):
     assert not (tmp_path / "spine.stl").exists()
     assert sorted(os.listdir(tmp_path)) == ["spine_L1.stl", "spine_T12_odd_name.stl"]  # no temporary leftovers
     for path, value in zip(written, (1, 2)):
-        surface = meshing.read_stl(path)
-        assert meshing.is_watertight(surface)
+        surface = stl.read_stl(path)
+        assert stl.is_watertight(surface)
         mask_centroid = voxel_centres_mm(labels.shape, direction)[labels == value].mean(axis=0)
         assert np.linalg.norm(signed_volume_and_centroid(surface)[1] - mask_centroid) < 0.5 * min(SPACING)
 
@@ -262,11 +262,11 @@ def test_per_label_default_names_and_merged_file(tmp_path):
     labels, _, image, _ = two_vertebrae()
     written = meshing.mesh_labelmap_to_stl(image, str(tmp_path / "case 7.stl"), per_label=True, space="RAS")
     assert [os.path.basename(p) for p in written] == ["case 7_label1.stl", "case 7_label2.stl"]
-    assert meshing.read_stl_header(written[0]) == "SpineContextSeg SPACE=RAS UNITS=mm"
+    assert stl.read_stl_header(written[0]) == "SpineContextSeg SPACE=RAS UNITS=mm"
 
     (merged,) = meshing.mesh_labelmap_to_stl(image, str(tmp_path / "merged.stl"))
-    surface = meshing.read_stl(merged)
-    assert meshing.is_watertight(surface)
+    surface = stl.read_stl(merged)
+    assert stl.is_watertight(surface)
     volume, _ = signed_volume_and_centroid(surface)
     assert volume == pytest.approx((labels != 0).sum() * np.prod(SPACING), rel=0.10)
 
@@ -309,7 +309,7 @@ def test_float_label_map_and_2d_input():
     labels[2:8, 2:8, 2:8] = 2.0
     image = make_image(labels, np.eye(3))
     image = sitk.Cast(image, sitk.sitkFloat32)
-    assert meshing.is_watertight(meshing.labelmap_to_surface(image, 2))
+    assert stl.is_watertight(meshing.labelmap_to_surface(image, 2))
     with pytest.raises(SegmentationError) as raised:
         meshing.labelmap_to_surface(sitk.Image([5, 5], sitk.sitkUInt8))
     assert raised.value.code == "input_not_3d"
@@ -346,11 +346,11 @@ def test_smoothing_collapsed_islands_and_cavities_are_dropped(tmp_path):
 
     raw = meshing.labelmap_to_surface(image, smoothing=0.0)  # unsmoothed they are real closed parts: kept
     assert count_parts(raw) == 5
-    assert meshing.is_watertight(raw)
+    assert stl.is_watertight(raw)
 
     smoothed = meshing.labelmap_to_surface(image)
     assert count_parts(smoothed) == 1
-    assert meshing.is_watertight(meshing.read_stl(meshing.write_stl(smoothed, str(tmp_path / "s.stl"))))
+    assert stl.is_watertight(stl.read_stl(stl.write_stl(smoothed, str(tmp_path / "s.stl"))))
     low, high = mask_physical_extent(ball, direction)  # the islands no longer widen the bounds
     bounds = np.asarray(smoothed.GetBounds()).reshape(3, 2)
     assert np.all(np.abs(bounds[:, 0] - low) < max(SPACING)) and np.all(np.abs(bounds[:, 1] - high) < max(SPACING))
@@ -366,5 +366,5 @@ def test_random_masks_give_closed_surfaces():
         labels.flat[0] = 1
         direction = GEOMETRIES[sorted(GEOMETRIES)[trial % len(GEOMETRIES)]]
         surface = meshing.labelmap_to_surface(make_image(labels, direction), smoothing=0.0)
-        assert meshing.is_watertight(surface), f"trial {trial}"
+        assert stl.is_watertight(surface), f"trial {trial}"
         assert signed_volume_and_centroid(surface)[0] > 0

@@ -10,7 +10,8 @@ from scipy import ndimage
 
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER, SACRUM_ID
-from SpineContextSegLib.phantoms.phantom import TISSUE_CODES, generate_phantom
+from SpineContextSegLib.phantoms.canvas import TISSUE_CODES
+from SpineContextSegLib.phantoms.generator import generate_phantom
 
 CLEAN = dict(noise_hu=0.0, blur_mm=0.0)
 

@@ -173,7 +173,7 @@ def test_output_equal_to_input_is_refused(tmp_path, bundle):
 
 
 def test_vertebrae_task_names_the_phantoms_levels_and_returns_their_label_table():
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
     from SpineContextSegLib.inference.pipeline import _name_vertebrae
 
     phantom = generate_phantom(21, first_level="L1", last_level="S", spacing_mm=(2.0, 2.0, 2.0), field_of_view="torso", noise_hu=10.0)
@@ -307,7 +307,7 @@ def test_a_vertebrae_network_names_the_split_mask_and_its_sacrum_channel_stays_o
 
 
 def test_memory_estimate_counts_a_stitching_accumulator_per_extra_output_channel():
-    from SpineContextSegLib.io.images import estimate_segmentation_memory_bytes
+    from SpineContextSegLib.inference.preprocessing import estimate_segmentation_memory_bytes
 
     image = sitk.Image([100, 80, 60], sitk.sitkInt16)
     image.SetSpacing((1.0, 1.0, 2.0))

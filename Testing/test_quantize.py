@@ -147,7 +147,7 @@ def test_int8_mask_of_the_bundled_model_agrees_with_fp32_on_a_phantom(tmp_path):
     import SimpleITK as sitk
 
     from SpineContextSegLib.evaluation.metrics import dice
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
     from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_image
     from SpineContextSegLib.training.quantize import quantize_model
 

@@ -19,6 +19,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_DIR = os.path.join(ROOT, "SpineContextSeg")
 MODULE_PY = os.path.join(MODULE_DIR, "SpineContextSeg.py")
+HELPERS_DIR = os.path.join(MODULE_DIR, "SpineContextSegSlicerLib")
+PARAMETERS_PY = os.path.join(HELPERS_DIR, "parameters.py")  # the parameter node the .ui binds to
+SELFTEST_PY = os.path.join(HELPERS_DIR, "selftest.py")  # the steps SpineContextSegTest runs
 UI_FILE = os.path.join(MODULE_DIR, "Resources", "UI", "SpineContextSeg.ui")
 MODULE_CMAKE = os.path.join(MODULE_DIR, "CMakeLists.txt")
 TOP_CMAKE = os.path.join(ROOT, "CMakeLists.txt")
@@ -63,6 +66,11 @@ def module_ast() -> ast.Module:
 
 
 @pytest.fixture(scope="module")
+def parameters_ast() -> ast.Module:
+    return ast.parse(read(PARAMETERS_PY), filename=PARAMETERS_PY)
+
+
+@pytest.fixture(scope="module")
 def ui_root() -> ET.Element:
     return ET.parse(UI_FILE).getroot()
 
@@ -78,16 +86,16 @@ def widget_property(widget: ET.Element, name: str):
     return None
 
 
-def parameter_fields(module_ast) -> Dict[str, str]:
+def parameter_fields(parameters_ast) -> Dict[str, str]:
     """Annotated fields of the @parameterNodeWrapper class: name -> annotation source."""
-    for node in module_ast.body:
+    for node in parameters_ast.body:
         if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list):
             return {
                 statement.target.id: ast.unparse(statement.annotation)
                 for statement in node.body
                 if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
             }
-    raise AssertionError("no @parameterNodeWrapper class in SpineContextSeg.py")
+    raise AssertionError("no @parameterNodeWrapper class in SpineContextSegSlicerLib/parameters.py")
 
 
 def cmake_list(text: str, variable: str) -> List[str]:
@@ -104,9 +112,11 @@ def test_ui_root_is_the_module_widget(ui_root):
 
 
 def test_every_ui_attribute_used_in_the_code_exists(module_ast, ui_root):
+    trees = [module_ast] + [ast.parse(read(os.path.join(HELPERS_DIR, f))) for f in sorted(os.listdir(HELPERS_DIR)) if f.endswith(".py")]
     used = {
         node.attr
-        for node in ast.walk(module_ast)
+        for tree in trees
+        for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
     }
     assert len(used) > 10  # the walk found the widget accesses
@@ -123,8 +133,8 @@ def test_every_custom_widget_class_is_declared(ui_root):
         assert widget.findtext("header") == widget.findtext("class") + ".h"
 
 
-def test_every_parameter_binding_is_a_wrapper_field_of_a_compatible_type(module_ast, ui_root):
-    fields = parameter_fields(module_ast)
+def test_every_parameter_binding_is_a_wrapper_field_of_a_compatible_type(parameters_ast, ui_root):
+    fields = parameter_fields(parameters_ast)
     bound = {}
     for name, widget in ui_widgets(ui_root).items():
         prop = widget_property(widget, "SlicerParameterName")
@@ -263,7 +273,7 @@ def test_startup_functions_catch_an_incomplete_install(module_ast):
 def test_self_test_works_without_the_module_entered_and_offline(module_ast):
     """Reload & Test (or ctest) may run while the module was never entered, and without network."""
     test_class = next(c for c in module_ast.body if isinstance(c, ast.ClassDef) and c.name == "SpineContextSegTest")
-    source = ast.unparse(test_class)
+    source = ast.unparse(test_class) + "\n" + read(SELFTEST_PY)  # the class and the steps it runs
     assert "._parameterNode" not in source, "the self-test must not read widget._parameterNode (None until the module is entered)"
     assert "ensureParameterNode()" in source
     for network in ("installDependencies", "pip_install", "pip_ensure", "urlopen", "requests."):
@@ -288,8 +298,9 @@ def all_imports(path: str) -> Set[str]:
 
 
 def test_helper_packages_stay_testable_without_qt():
-    helpers = os.path.join(MODULE_DIR, "SpineContextSegSlicerLib")
-    assert all_imports(os.path.join(helpers, "worker_process.py")) & {"qt", "ctk", "slicer", "vtk"} == set()
+    helpers = HELPERS_DIR
+    for name in ("worker_command.py", "worker_events.py", "worker_process.py"):
+        assert all_imports(os.path.join(helpers, name)) & {"qt", "ctk", "slicer", "vtk"} == set(), name
     assert all_imports(os.path.join(helpers, "mrml_io.py")) & {"qt", "ctk"} == set()
     for folder, _dirs, files in os.walk(LIBRARY_DIR):
         for name in files:

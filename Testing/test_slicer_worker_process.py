@@ -1,4 +1,4 @@
-"""The Slicer module's worker handling (``SpineContextSegSlicerLib.worker_process``), without Slicer.
+"""The Slicer module's worker handling (``SpineContextSegSlicerLib.worker_*``), without Slicer.
 
 Two kinds of worker are started as real subprocesses:
 
@@ -24,6 +24,8 @@ MODULE_DIR = os.path.join(ROOT, "SpineContextSeg")
 if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)
 
+from SpineContextSegSlicerLib import worker_command as wc  # noqa: E402
+from SpineContextSegSlicerLib import worker_events as we  # noqa: E402
 from SpineContextSegSlicerLib import worker_process as wp  # noqa: E402
 
 from SpineContextSegLib.errors import ERROR_CODES  # noqa: E402
@@ -113,14 +115,14 @@ def fake_worker(tmp_path):
 
 
 def make_run(tmp_path, command, **kwargs):
-    temp_dir = wp.create_temp_dir(str(tmp_path))
+    temp_dir = wc.create_temp_dir(str(tmp_path))
     kwargs.setdefault("cancel_file", os.path.join(temp_dir, "cancel"))
     return wp.WorkerProcess(command, temp_dir=temp_dir, grace_s=kwargs.pop("grace_s", 1.0), **kwargs), temp_dir
 
 
 # ----------------------------------------------------------------------------- command line
 def test_build_worker_command_maps_every_option():
-    command = wp.build_worker_command(
+    command = wc.build_worker_command(
         "/opt/Slicer/bin/PythonSlicer", "/t/in.nrrd", "/t/out.nrrd", model="/m", device="cuda", threads=3,
         overlap=0.5, task="vertebrae", cancel_file="/t/cancel", roi_path="/t/roi.json", centreline_path="/t/line.json",
     )
@@ -132,36 +134,36 @@ def test_build_worker_command_maps_every_option():
         "--roi": "/t/roi.json", "--centreline": "/t/line.json",
     }
     # defaults add nothing the worker does not need (a worker without --task support still runs)
-    assert wp.build_worker_command("py", "i", "o") == ["py", "-m", "SpineContextSegLib.worker", "i", "-o", "o", "--device", "auto"]
+    assert wc.build_worker_command("py", "i", "o") == ["py", "-m", "SpineContextSegLib.worker", "i", "-o", "o", "--device", "auto"]
     with pytest.raises(ValueError):
-        wp.build_worker_command("py", "i", "o", device="gpu")
+        wc.build_worker_command("py", "i", "o", device="gpu")
     with pytest.raises(ValueError):
-        wp.build_worker_command("py", "i", "o", overlap=1.0)
+        wc.build_worker_command("py", "i", "o", overlap=1.0)
 
 
 def test_worker_accepts_every_option_the_module_passes(tmp_path, tiny_model_dir):
     """The command the module builds parses in the real worker (no usage error, exit status 2)."""
-    command = wp.build_worker_command(
+    command = wc.build_worker_command(
         sys.executable, str(tmp_path / "missing.nii.gz"), str(tmp_path / "out.nrrd"), model=tiny_model_dir, device="cpu",
         threads=1, overlap=0.25, cancel_file=str(tmp_path / "cancel"),
     )
-    run, _ = make_run(tmp_path, command, env=wp.worker_environment(ROOT), cwd=str(tmp_path))
+    run, _ = make_run(tmp_path, command, env=wc.worker_environment(ROOT), cwd=str(tmp_path))
     outcome = run.start().wait(timeout_s=60)
     assert outcome.code == "input_not_found"  # got past argument parsing to the input check
     assert outcome.exit_status == ERROR_CODES["input_not_found"].exit_status
 
 
 def test_worker_environment_puts_library_first():
-    env = wp.worker_environment("/lib/parent", base={"PYTHONPATH": os.pathsep.join(["/a", "/lib/parent"])})
+    env = wc.worker_environment("/lib/parent", base={"PYTHONPATH": os.pathsep.join(["/a", "/lib/parent"])})
     assert env["PYTHONPATH"].split(os.pathsep) == ["/lib/parent", "/a"]
     assert env["PYTHONUNBUFFERED"] == "1"
 
 
 def test_overall_fraction_grows_through_the_stages():
-    fractions = [wp.overall_fraction({"stage": stage, "done": done, "total": 4}) for stage in STAGES for done in range(5)]
+    fractions = [we.overall_fraction({"stage": stage, "done": done, "total": 4}) for stage in STAGES for done in range(5)]
     assert fractions == sorted(fractions)
     assert fractions[0] == 0.0 and fractions[-1] == pytest.approx(1.0)
-    assert "about 1 min 05 s left" in wp.describe_progress({"stage": "network", "done": 3, "total": 12, "eta_s": 65})
+    assert "about 1 min 05 s left" in we.describe_progress({"stage": "network", "done": 3, "total": 12, "eta_s": 65})
 
 
 # ----------------------------------------------------------------------------- scripted fakes
@@ -188,7 +190,7 @@ def test_protocol_lines_become_events_in_order(tmp_path, fake_worker):
 def test_error_line_maps_to_its_code(tmp_path, fake_worker):
     run, temp_dir = make_run(tmp_path, [sys.executable, fake_worker, "error"])
     outcome = run.start().wait(timeout_s=30)
-    assert (outcome.status, outcome.code, outcome.exit_status) == (wp.FAILED, "input_unreadable", 10)
+    assert (outcome.status, outcome.code, outcome.exit_status) == (we.FAILED, "input_unreadable", 10)
     assert outcome.message == "cannot read x"
     assert outcome.remedy() == ERROR_CODES["input_unreadable"].remedy
     exception = outcome.to_exception()
@@ -199,7 +201,7 @@ def test_error_line_maps_to_its_code(tmp_path, fake_worker):
 def test_nonzero_exit_without_error_line_quotes_the_last_output(tmp_path, fake_worker):
     run, temp_dir = make_run(tmp_path, [sys.executable, fake_worker, "crash"])
     outcome = run.start().wait(timeout_s=30)
-    assert (outcome.status, outcome.code, outcome.exit_status) == (wp.FAILED, wp.WORKER_EXITED, 3)
+    assert (outcome.status, outcome.code, outcome.exit_status) == (we.FAILED, we.WORKER_EXITED, 3)
     assert "exit status 3" in outcome.message and "No module named 'onnxruntime'" in outcome.message
     assert outcome.to_exception().code == "internal"
     assert not os.path.exists(temp_dir)
@@ -207,14 +209,14 @@ def test_nonzero_exit_without_error_line_quotes_the_last_output(tmp_path, fake_w
 
 def test_exit_zero_without_result_is_a_failure(tmp_path, fake_worker):
     outcome = make_run(tmp_path, [sys.executable, fake_worker, "silent"])[0].start().wait(timeout_s=30)
-    assert (outcome.status, outcome.code) == (wp.FAILED, wp.WORKER_NO_RESULT)
+    assert (outcome.status, outcome.code) == (we.FAILED, we.WORKER_NO_RESULT)
 
 
 def test_a_worker_that_cannot_start_still_finishes_once(tmp_path):
     finished = []
     run, temp_dir = make_run(tmp_path, [str(tmp_path / "no-such-python"), "-m", "x"], on_event=lambda e: finished.append(e))
     run.start()
-    assert run.finished and run.outcome.code == wp.WORKER_START_FAILED
+    assert run.finished and run.outcome.code == we.WORKER_START_FAILED
     assert [e.kind for e in finished] == ["finished"]
     assert not os.path.exists(temp_dir)
 
@@ -247,7 +249,7 @@ def test_handler_failure_on_a_good_result_is_reported(tmp_path, fake_worker):
 
     run, _ = make_run(tmp_path, [sys.executable, fake_worker, "ok", "m.nrrd"], on_event=on_event)
     outcome = run.start().wait(timeout_s=30)
-    assert (outcome.status, outcome.code) == (wp.FAILED, wp.RESULT_IMPORT_FAILED)
+    assert (outcome.status, outcome.code) == (we.FAILED, we.RESULT_IMPORT_FAILED)
     assert "import exploded" in outcome.message
 
 
@@ -269,7 +271,7 @@ def test_cancel_kills_a_worker_that_ignores_it_and_its_launcher(tmp_path, fake_w
     outcome = run.wait(timeout_s=30)
     assert time.monotonic() - started >= 0.5  # it was given the grace period
     assert run.killed
-    assert (outcome.status, outcome.code) == (wp.CANCELLED, "cancelled")
+    assert (outcome.status, outcome.code) == (we.CANCELLED, "cancelled")
     assert "killed" in outcome.message
     assert wait_gone(worker_pid) and wait_gone(launcher_pid)
     assert not os.path.exists(temp_dir)
@@ -279,7 +281,7 @@ def test_cancel_kills_a_worker_that_ignores_it_and_its_launcher(tmp_path, fake_w
 def real_worker_command(tmp_path, model_dir, input_path=SAMPLE_CT, **options):
     options.setdefault("device", "cpu")
     options.setdefault("threads", 1)
-    return wp.build_worker_command(
+    return wc.build_worker_command(
         sys.executable, input_path, str(tmp_path / "run" / "result.nrrd"), model=model_dir, cancel_file=str(tmp_path / "run" / "cancel"), **options
     )
 
@@ -289,7 +291,7 @@ def start_real(tmp_path, model_dir, input_path=SAMPLE_CT, options=None, **kwargs
     command = real_worker_command(tmp_path, model_dir, input_path=input_path, **(options or {}))
     run = wp.WorkerProcess(
         command, temp_dir=str(tmp_path / "run"), cancel_file=str(tmp_path / "run" / "cancel"),
-        env=wp.worker_environment(ROOT), cwd=str(tmp_path), grace_s=kwargs.pop("grace_s", 10.0), **kwargs,
+        env=wc.worker_environment(ROOT), cwd=str(tmp_path), grace_s=kwargs.pop("grace_s", 10.0), **kwargs,
     )
     return run.start()
 
@@ -331,7 +333,7 @@ def test_real_worker_error_line_maps_to_the_documented_code(tmp_path, tiny_model
     broken.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4\n\nnot an image")
     run = start_real(tmp_path, tiny_model_dir, input_path=str(broken))
     outcome = run.wait(timeout_s=60)
-    assert outcome.status == wp.FAILED
+    assert outcome.status == we.FAILED
     assert outcome.code in ERROR_CODES and outcome.code.startswith("input_")
     assert outcome.exit_status == ERROR_CODES[outcome.code].exit_status == run.process.returncode
     assert [e.kind for e in run.events][-2:] == ["error", "finished"]
@@ -345,7 +347,7 @@ def test_real_worker_cancel_mid_run(tmp_path, tiny_model_dir):
     assert event is not None, "the worker finished before it could be cancelled"
     run.cancel()
     outcome = run.wait(timeout_s=60)
-    assert (outcome.status, outcome.code) == (wp.CANCELLED, "cancelled")
+    assert (outcome.status, outcome.code) == (we.CANCELLED, "cancelled")
     assert outcome.exit_status == ERROR_CODES["cancelled"].exit_status == 20
     assert not run.killed  # it stopped by itself, within the grace period
     assert wait_gone(run.worker_pid)
@@ -360,7 +362,7 @@ def test_real_worker_killed_is_reported_as_worker_died(tmp_path, tiny_model_dir)
     assert event is not None
     os.kill(run.worker_pid, signal.SIGKILL)  # what the out-of-memory killer does
     outcome = run.wait(timeout_s=60)
-    assert (outcome.status, outcome.code) == (wp.FAILED, wp.WORKER_DIED)
+    assert (outcome.status, outcome.code) == (we.FAILED, we.WORKER_DIED)
     assert "worker died" in outcome.message and "SIGKILL" in outcome.message
     assert outcome.remedy()
     assert not os.path.exists(tmp_path / "run")
@@ -397,7 +399,7 @@ def test_real_worker_result_imports_into_mrml(tmp_path, tiny_model_dir):
             result = event.outcome.result
             imported.extend(mrml_io.import_label_map(result["outputs"]["mask"], segmentation, result["labels"], volume, exported_ijk_to_ras=exported))
 
-    run = wp.WorkerProcess(command, temp_dir=str(tmp_path / "run"), env=wp.worker_environment(ROOT), on_event=on_event)
+    run = wp.WorkerProcess(command, temp_dir=str(tmp_path / "run"), env=wc.worker_environment(ROOT), on_event=on_event)
     outcome = run.start().wait(timeout_s=120)
     assert outcome.succeeded, outcome.message
     assert imported == ["Spine"]
@@ -568,7 +570,9 @@ def test_logic_process_blocking_raises_the_worker_error(module_with_stub_gui, tm
 @pytest.mark.parametrize("non_blocking_launch", [True, False], ids=["slicer-5.12-launchConsoleProcess", "slicer-5.8-reader-thread"])
 def test_logic_non_blocking_run_and_cancel(module_with_stub_gui, tiny_model_dir, monkeypatch, non_blocking_launch):
     module, scene, volume = module_with_stub_gui
-    monkeypatch.setattr(module, "supportsNonBlockingLaunch", lambda: non_blocking_launch)
+    from SpineContextSegSlicerLib import segmentation_run  # where the logic's runner looks it up
+
+    monkeypatch.setattr(segmentation_run, "supportsNonBlockingLaunch", lambda: non_blocking_launch)
     logic = module.SpineContextSegLogic()
 
     done = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -639,7 +643,7 @@ def test_widget_cleanup_stops_the_worker_and_removes_the_logic_observers(module_
     assert not logic.isRunning and run.outcome.status == "cancelled"
     assert wait_gone(run.worker.worker_pid)
     assert app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
-    assert logic._timer is None and all(not t.callbacks for t in _ManualTimer.running)  # the poll timer let go too
+    assert logic.runner._timer is None and all(not t.callbacks for t in _ManualTimer.running)  # the poll timer let go too
     logic.cleanup()  # twice is harmless
 
 

@@ -42,7 +42,7 @@ def voxel_corners_lps(image: sitk.Image, ijk: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- region of interest
 @pytest.mark.parametrize("direction", [None, OBLIQUE, PIR], ids=["identity", "oblique", "PIR"])
 def test_roi_holds_every_spine_voxel_plus_the_margin_in_physical_space(direction):
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     kwargs = {} if direction is None else {"direction": direction.ravel().tolist()}
     phantom = generate_phantom(5, first_level="T11", last_level="L3", spacing_mm=3.0, **kwargs)
@@ -136,7 +136,7 @@ def end_vertebrae_coronal_angle(phantom) -> float:
 
 @pytest.mark.parametrize("seed", [30, 39])
 def test_the_coronal_angle_follows_the_scoliosis_and_a_straight_spine_gives_about_zero(seed):
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     measured = {}
     for scoliosis in (20.0, -20.0, 0.0):
@@ -156,7 +156,7 @@ def test_the_coronal_angle_follows_the_scoliosis_and_a_straight_spine_gives_abou
 
 
 def test_centreline_points_run_through_the_bodies_in_lps_also_for_an_oblique_grid():
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     results = []
     for direction in (None, OBLIQUE):

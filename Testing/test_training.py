@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 from conftest import ROOT  # noqa: E402
 
 from SpineContextSegLib.training.augment import AugmentationConfig, augment_batch  # noqa: E402
-from SpineContextSegLib.training.trainer import extract_region, masked_bce_dice_loss, masked_dice_ce_loss  # noqa: E402
+from SpineContextSegLib.training.losses import masked_bce_dice_loss, masked_dice_ce_loss  # noqa: E402
+from SpineContextSegLib.training.patches import extract_region  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
 TINY = ["--widths", "4", "8", "8", "--patch", "16", "16", "16", "--batch-size", "2", "--iterations-per-epoch", "2",
@@ -88,7 +89,8 @@ def test_vertebrae_training_writes_a_model_with_one_channel_per_vertebra(data_ro
 
 def test_vertebrae_targets_are_network_channels_and_an_unlabelled_sacrum_is_unsupervised(data_root):
     from SpineContextSegLib.labels import vertebra_class_ids
-    from SpineContextSegLib.training.trainer import TrainConfig, load_case_volumes
+    from SpineContextSegLib.training.config import TrainConfig
+    from SpineContextSegLib.training.data import load_case_volumes
 
     config = TrainConfig(data=[data_root], task="vertebrae", spacing_mm=2.0)
     volumes = [v for _, v in load_case_volumes(config)]
@@ -99,7 +101,7 @@ def test_vertebrae_targets_are_network_channels_and_an_unlabelled_sacrum_is_unsu
 
 
 def test_below_an_unlabelled_sacrum_nothing_is_taught():
-    from SpineContextSegLib.training.trainer import unsupervise_below_unlabelled_sacrum
+    from SpineContextSegLib.training.data import unsupervise_below_unlabelled_sacrum
 
     labels = np.zeros((30, 4, 4), np.uint8)
     labels[10:18] = 24  # L5 (axis 0 runs inferior -> superior)
@@ -202,7 +204,7 @@ def test_identity_augmentation_returns_the_central_region():
 
 
 def test_patches_outside_the_volume_are_air_and_unsupervised():
-    from SpineContextSegLib.training.trainer import TrainingVolume
+    from SpineContextSegLib.training.data import TrainingVolume
 
     volume = TrainingVolume("v", "p", np.ones((10, 10, 10), np.float32), np.ones((10, 10, 10), np.uint8), np.ones((10, 10, 10), np.uint8), np.zeros((0, 3), np.int32))
     image, label, weight = extract_region(volume, (0, 0, 0), (8, 8, 8))
@@ -210,7 +212,7 @@ def test_patches_outside_the_volume_are_air_and_unsupervised():
 
 
 def test_slab_cut_keeps_a_thin_supervised_slab_and_makes_the_rest_air():
-    from SpineContextSegLib.training.trainer import cut_to_slab
+    from SpineContextSegLib.training.patches import cut_to_slab
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -227,7 +229,9 @@ def test_slab_cut_keeps_a_thin_supervised_slab_and_makes_the_rest_air():
 def test_case_weights_set_how_often_real_cases_are_drawn(data_root, monkeypatch):
     from SpineContextSegLib.training import trainer as training
     from SpineContextSegLib.errors import UsageError
-    from SpineContextSegLib.training.trainer import Trainer, TrainConfig, _parse_case_weights
+    from SpineContextSegLib.training.command import _parse_case_weights
+    from SpineContextSegLib.training.config import TrainConfig
+    from SpineContextSegLib.training.trainer import Trainer
 
     config = TrainConfig(data=[data_root], validation_fraction=0.0, validation_phantoms=0, phantoms=0, spacing_mm=3.0,
                          patch_size=(8, 8, 8), batch_size=1, architecture="UNet3D", architecture_kwargs={"widths": [4, 8, 8]},
@@ -249,8 +253,9 @@ def test_case_weights_set_how_often_real_cases_are_drawn(data_root, monkeypatch)
 
 def test_phantom_volume_on_the_canonical_grid_equals_the_resampled_phantom():
     """The SimpleITK-free phantom path gives the volume the resampling path would give."""
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
-    from SpineContextSegLib.training.trainer import TrainConfig, make_training_volume, phantom_volume
+    from SpineContextSegLib.phantoms.generator import generate_phantom
+    from SpineContextSegLib.training.config import TrainConfig
+    from SpineContextSegLib.training.data import make_training_volume, phantom_volume
 
     config = TrainConfig(spacing_mm=4.0)
     direct = phantom_volume(3, config)
@@ -305,10 +310,10 @@ def test_train_command_line_reaches_the_config():
     """Every recipe knob on the command line lands in TrainConfig (a flag parsed but dropped trains something else)."""
     import argparse
 
-    from SpineContextSegLib.training import trainer as training
+    from SpineContextSegLib.training import command
 
     parser = argparse.ArgumentParser()
-    training.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args(["--data", "x", "-o", "out", "--lr", "3e-4", "--plateau-patience", "12", "--spacing", "1.8", "--batch-size", "3"])
-    config = training.config_from_args(args)
+    config = command.config_from_args(args)
     assert (config.learning_rate, config.plateau_patience, config.spacing_mm, config.batch_size) == (3e-4, 12, 1.8, 3)

@@ -13,9 +13,10 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-from SpineContextSegLib.anatomy import vertebrae  # noqa: E402
+from SpineContextSegLib.anatomy import discs, naming  # noqa: E402
+from SpineContextSegLib.inference import vertebra_labelling  # noqa: E402
 from SpineContextSegLib.labels import vertebra_by_name, vertebra_by_verse_id  # noqa: E402
-from SpineContextSegLib.phantoms.phantom import generate_phantom  # noqa: E402
+from SpineContextSegLib.phantoms.generator import generate_phantom  # noqa: E402
 
 from conftest import warning_recorder  # noqa: E402
 
@@ -73,7 +74,7 @@ def _majority_names(labels_image, truth: np.ndarray, mask: np.ndarray):
 @pytest.mark.parametrize("missing", [("T6",), ("T5", "T6")])
 def test_vertebrae_missing_from_the_mask_are_counted_from_their_ribs(chest, missing):
     mask = _without(chest, missing)
-    labels, info = vertebrae.label_vertebrae(_with_mask(chest, mask), chest.ct, spacing_mm=WORKING_MM)
+    labels, info = vertebra_labelling.label_vertebrae(_with_mask(chest, mask), chest.ct, spacing_mm=WORKING_MM)
     named = _majority_names(labels, sitk.GetArrayFromImage(chest.vertebra_labels), mask)
     assert [found for _, found in named] == [true for true, _ in named], named  # no shift above or below the gap
     assert info["missing_levels"] == list(missing)
@@ -86,7 +87,7 @@ def test_vertebrae_in_pieces_are_not_counted_as_levels(chest):
     pieces = ("T2", "T4", "T6", "T8")
     mask = _in_pieces(chest, pieces, gap_mm=10.0)
     truth = sitk.GetArrayFromImage(chest.vertebra_labels)
-    labels, info = vertebrae.label_vertebrae(_with_mask(chest, mask), chest.ct, spacing_mm=WORKING_MM)
+    labels, info = vertebra_labelling.label_vertebrae(_with_mask(chest, mask), chest.ct, spacing_mm=WORKING_MM)
     named = _majority_names(labels, truth, mask)
     assert [found for _, found in named] == [true for true, _ in named], named
     assert info["names"] == [true for true, _ in named]  # one name per vertebra, however many pieces
@@ -116,8 +117,8 @@ def test_a_lumbar_crop_without_anchor_is_flagged_and_not_confident():
     names = info["vertebrae"]
     assert warnings == ["vertebra_names_uncertain"]
     assert names["anchored"] is False and names["method"] in ("body size only", "ribs (thoracic)")
-    assert names["confidence"] <= vertebrae.UNANCHORED_CONFIDENCE
-    assert len(names["evidence"]) == 3 and all(0.0 <= e["confidence"] <= vertebrae.UNANCHORED_CONFIDENCE for e in names["evidence"])
+    assert names["confidence"] <= naming.UNANCHORED_CONFIDENCE
+    assert len(names["evidence"]) == 3 and all(0.0 <= e["confidence"] <= naming.UNANCHORED_CONFIDENCE for e in names["evidence"])
 
 
 def test_a_sagittal_slab_with_a_partial_top_vertebra_is_not_shifted():
@@ -129,7 +130,7 @@ def test_a_sagittal_slab_with_a_partial_top_vertebra_is_not_shifted():
     size = [int(v) for v in phantom.ct.GetSize()]
     size[2] = int(t9.min() + 0.5 * (t9.max() - t9.min()))  # the scan ends halfway up T9
     ct, mask = sitk.RegionOfInterest(phantom.ct, size, [0, 0, 0]), sitk.RegionOfInterest(phantom.spine_mask, size, [0, 0, 0])
-    labels, info = vertebrae.label_vertebrae(mask, ct)
+    labels, info = vertebra_labelling.label_vertebrae(mask, ct)
     named = _majority_names(labels, truth[: size[2]], sitk.GetArrayFromImage(mask))
     assert named[0][0] == "T9" and info["evidence"][0]["truncated"]
     assert [found for _, found in named] == [true for true, _ in named], named
@@ -137,7 +138,7 @@ def test_a_sagittal_slab_with_a_partial_top_vertebra_is_not_shifted():
 
 
 def test_label_vertebrae_reports_its_stages_and_keeps_a_whole_chest_right(chest):
-    _, info = vertebrae.label_vertebrae(chest.spine_mask, chest.ct, spacing_mm=WORKING_MM)
+    _, info = vertebra_labelling.label_vertebrae(chest.spine_mask, chest.ct, spacing_mm=WORKING_MM)
     assert set(info["timings_s"]) >= {"resample", "split", "evidence", "naming", "map_back", "total"}
     assert info["names"] == ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2"]
     assert "ribs" in info["method"] and info["missing_levels"] == [] and info["fragments"] == []
@@ -149,7 +150,7 @@ def test_ribs_are_found_under_a_scapula_lying_on_them():
     # column, and where none is found under it the level counts as unknown, not as rib-free
     # (before: T1-T6 counted as rib-free, and the chest was named C1-T8)
     phantom = generate_phantom(11, spacing_mm=(2.5, 2.5, 2.5), first_level="T1", last_level="L2", field_of_view="torso", anatomy="real")
-    _, info = vertebrae.label_vertebrae(phantom.spine_mask, phantom.ct, spacing_mm=WORKING_MM)
+    _, info = vertebra_labelling.label_vertebrae(phantom.spine_mask, phantom.ct, spacing_mm=WORKING_MM)
     assert info["names"] == ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2"]
     # under the scapula a rib is found, or the level is left unknown: never "seen without ribs"
     assert all(e["ribs"] != [False, False] for e in info["evidence"][:6]), [e["ribs"] for e in info["evidence"][:6]]
@@ -165,7 +166,7 @@ def test_find_peaks_matches_scipy_signal():
             values = np.round(values)  # plateaus and ties
         prominence, distance = float(rng.random() * 2.0), int(rng.integers(1, 10))
         expected, properties = signal.find_peaks(values, prominence=prominence, distance=distance)
-        found, ours = vertebrae.find_peaks(values, prominence=prominence, distance=distance)
+        found, ours = discs.find_peaks(values, prominence=prominence, distance=distance)
         assert np.array_equal(found, expected)
         assert np.allclose(ours["prominences"], properties["prominences"])
 

@@ -1,4 +1,4 @@
-"""Vertebra splitting and naming (SpineContextSegLib.anatomy.vertebrae) on small synthetic spines.
+"""Vertebra splitting and naming (SpineContextSegLib.anatomy, SpineContextSegLib.inference.vertebra_labelling) on small synthetic spines.
 
 The synthetic spine lives on the canonical grid (numpy axis 0 inferior->superior, axis 1
 anterior->posterior, axis 2 right->left): elliptic vertebral bodies separated by discs
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineContextSegLib.anatomy import vertebrae
+from SpineContextSegLib.anatomy import centreline, discs, evidence, naming, naming_model, split
 from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.inference import vertebra_labelling
 from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER
 
 BONE_HU, DISC_HU, SOFT_HU, CANAL_HU, AIR_HU = 300.0, 90.0, 40.0, 10.0, -1000.0
@@ -154,7 +155,7 @@ def test_grow_labels_cuts_a_dumbbell_at_its_neck():
     seeds[0, 4, 2] = 1
     seeds[0, 4, 30] = 2
     depth = ndimage.distance_transform_edt(np.pad(region, ((1, 1), (0, 0), (0, 0))))[1:-1]
-    grown = vertebrae.grow_labels(seeds, region, -depth, levels=8)
+    grown = split.grow_labels(seeds, region, -depth, levels=8)
     assert set(np.unique(grown[region])) == {1, 2}
     assert (grown[0, :, :12] == 1).all() and (grown[0, :, 19:] == 2).all()
     assert (grown[~region] == 0).all()
@@ -166,7 +167,7 @@ def test_keep_largest_pieces_moves_a_stray_piece_to_its_neighbour():
     labels[0, :, 5:10] = 2
     labels[0, 2, 10] = 1  # a stray piece of 1 that touches only label 2
     labels[0, 2, 13] = 1  # a stray piece of 1 that touches nothing
-    fixed, removed = vertebrae.keep_largest_pieces(labels)
+    fixed, removed = split.keep_largest_pieces(labels)
     assert fixed[0, 2, 10] == 2
     assert fixed[0, 2, 13] == 0 and removed == 1
     assert (fixed[0, :, :5] == 1).all() and (fixed[0, :, 5:10] == 2).all()
@@ -181,9 +182,9 @@ def test_find_disc_levels_keeps_the_deeper_of_two_close_minima():
         occupancy[np.abs(arc - centre) <= 2] = floor
     occupancy[:5] = 0.0
     occupancy[-5:] = 0.0
-    profile = vertebrae.BodyProfile(arc + 0.5, occupancy, np.full_like(arc, 15.0))
-    discs, start, end = vertebrae.find_disc_levels(profile)
-    assert np.allclose(discs, [30.5, 70.5], atol=1.0)
+    profile = discs.BodyProfile(arc + 0.5, occupancy, np.full_like(arc, 15.0))
+    found, start, end = discs.find_disc_levels(profile)
+    assert np.allclose(found, [30.5, 70.5], atol=1.0)
     assert start == pytest.approx(5.5, abs=1.0) and end == pytest.approx(114.5, abs=1.0)
 
 
@@ -193,7 +194,7 @@ def test_split_separates_every_vertebra_in_order(curve_mm):
     ct, mask, truth = make_spine(LUMBAR, curve_mm=curve_mm)
     if curve_mm == 0.0:
         assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 1  # articular processes touch
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
     assert instances.max() == 5
     assert ((instances > 0) == mask).all()
     purity = _purity(instances, truth)
@@ -206,7 +207,7 @@ def test_split_separates_every_vertebra_in_order(curve_mm):
 
 def test_split_gives_the_spinous_process_to_its_own_vertebra():
     ct, mask, truth = make_spine(LUMBAR)
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
     # the spinous process points down, level with the next vertebra's body
     _, y, _ = np.nonzero(truth)
     far_back = np.zeros_like(mask)
@@ -226,11 +227,11 @@ def test_split_finds_a_disc_that_osteophytes_partly_bridge():
     in_disc = (z > 134.0) & (z < 142.0) & (((y - 35.0) / 15.0) ** 2 + ((x - 93.75) / 18.75) ** 2 <= 1.0)
     still_disc = ((y - 35.0) ** 2 + (x - 93.75) ** 2 <= 3.5**2) | ((y > 35.0) & (np.abs(x - 93.75) <= 2.0))
     mask = mask | (in_disc & ~still_disc)
-    line = vertebrae.body_centreline(mask, 2.0)
-    profile = vertebrae.body_profile(mask, line, 2.0)
+    line = centreline.body_centreline(mask, 2.0)
+    profile = discs.body_profile(mask, line, 2.0)
     dip = profile.occupancy[(profile.arc_mm > 125.0) & (profile.arc_mm < 150.0)]
     assert 0.7 <= np.nanmin(dip) <= 0.8  # a shallow dip, not a clear disc
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
     assert instances.max() == 5
     purity = _purity(instances, truth)
     assert [purity[v][0] for v in range(1, 6)] == [1, 2, 3, 4, 5]
@@ -239,15 +240,15 @@ def test_split_finds_a_disc_that_osteophytes_partly_bridge():
 
 def test_split_raises_on_an_empty_mask():
     with pytest.raises(SegmentationError) as error:
-        vertebrae.split_vertebrae(np.zeros((10, 10, 10), dtype=bool), None, 1.0)
+        split.split_vertebrae(np.zeros((10, 10, 10), dtype=bool), None, 1.0)
     assert error.value.code == "no_spine_found"
 
 
 # ------------------------------------------------------------------------------------ naming
 def test_naming_from_the_sacrum():
     ct, mask, truth = make_spine(LUMBAR, sacrum=True, curve_mm=10.0)
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    labels, info = naming.name_vertebrae(instances, ct, 2.0)
     assert info["names"] == ["L1", "L2", "L3", "L4", "L5"]
     assert info["anchors"]["bone_below"] and info["anchors"]["sacral_alae"]
     assert "sacrum" in info["method"]
@@ -259,8 +260,8 @@ def test_naming_from_the_sacrum():
 def test_naming_from_the_ribs():
     levels = [(13.5, 22.0), (14.0, 23.0), (15.0, 26.0), (15.0, 26.0)]
     ct, mask, truth = make_spine(levels, ribs=(0, 1))
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    labels, info = naming.name_vertebrae(instances, ct, 2.0)
     assert [_purity(labels, truth)[v][0] for v in range(1, 5)] == [18, 19, 20, 21]
     assert [e["ribs"] for e in info["evidence"]] == [[True, True], [True, True], [False, False], [False, False]]
     assert info["anchors"]["lowest_rib_vertebra"] == 2
@@ -272,8 +273,8 @@ def test_naming_from_the_ribs():
 def test_naming_finds_a_sixth_lumbar_vertebra_between_ribs_and_sacrum():
     levels = [(14.0, 23.0)] + [(15.0, 26.0)] * 6
     ct, mask, _ = make_spine(levels, ribs=(0,), sacrum=True)
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    labels, info = naming.name_vertebrae(instances, ct, 2.0)
     assert info["names"] == ["T12", "L1", "L2", "L3", "L4", "L5", "L6"]
     assert info["chain"] == "L6"
     _assert_anatomical(labels)
@@ -282,25 +283,25 @@ def test_naming_finds_a_sixth_lumbar_vertebra_between_ribs_and_sacrum():
 def test_sacrum_outweighs_a_missing_rib_view_and_lumbar_ribs_are_not_invented():
     # no ribs anywhere, sacrum below: the rib evidence must say "no rib" for every vertebra
     ct, mask, _ = make_spine(LUMBAR, sacrum=True)
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    _, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    _, info = naming.name_vertebrae(instances, ct, 2.0)
     assert all(e["ribs"] == [False, False] for e in info["evidence"])
     assert info["names"][-1] == "L5"
 
 
 def test_ribs_outside_the_field_of_view_are_unknown():
     ct, mask, _ = make_spine(LUMBAR, half_width_mm=30.0)  # the scan ends just beside the bodies
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    _, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    _, info = naming.name_vertebrae(instances, ct, 2.0)
     assert all(e["ribs"] == [None, None] for e in info["evidence"])
 
 
 def test_naming_from_the_skull_splits_atlas_from_axis():
     cervical = [(8.0, 14.0), (7.5, 13.0), (7.5, 13.0), (7.5, 13.0)]
     ct, mask, truth = make_spine(cervical, spacing=1.0, disc_mm=5.0, atlas=True, skull=True)
-    instances, details = vertebrae.split_vertebrae(mask, ct, 1.0, return_details=True)
+    instances, details = split.split_vertebrae(mask, ct, 1.0, return_details=True)
     assert instances.max() == 4  # C1 has no body: it arrives together with C2
-    labels, info = vertebrae.name_vertebrae(instances, ct, 1.0, centreline=details["centreline"])
+    labels, info = naming.name_vertebrae(instances, ct, 1.0, centreline=details["centreline"])
     assert info["anchors"]["skull"]
     assert info["names"] == ["C1", "C2", "C3", "C4", "C5"]
     purity = _purity(labels, truth)
@@ -315,9 +316,9 @@ def test_an_atlas_split_off_on_its_own_is_named_c1_alone():
     cervical = [(6.0, 8.0)] + [(8.0, 14.0)] + [(7.5, 13.0)] * 5
     thoracic = [(9.0, 16.0)] * 3
     ct, mask, truth = make_spine(cervical + thoracic, spacing=1.5, disc_mm=5.0, ribs=(7, 8, 9))
-    instances, details = vertebrae.split_vertebrae(mask, ct, 1.5, return_details=True)
+    instances, details = split.split_vertebrae(mask, ct, 1.5, return_details=True)
     assert instances.max() == 10
-    labels, info = vertebrae.name_vertebrae(instances, ct, 1.5, centreline=details["centreline"])
+    labels, info = naming.name_vertebrae(instances, ct, 1.5, centreline=details["centreline"])
     assert [e["ribs"] for e in info["evidence"]] == [[False, False]] * 7 + [[True, True]] * 3
     assert info["names"] == ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "T1", "T2", "T3"]
     assert [_purity(labels, truth)[v][0] for v in range(1, 11)] == list(range(1, 11))
@@ -326,8 +327,8 @@ def test_an_atlas_split_off_on_its_own_is_named_c1_alone():
 
 def test_without_any_anchor_the_confidence_stays_low():
     ct, mask, _ = make_spine([(15.0, 26.0)] * 3, margin_below_mm=0.0, margin_above_mm=0.0)  # cut at both ends
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    labels, info = naming.name_vertebrae(instances, ct, 2.0)
     assert info["method"] == "body size only"
     assert info["confidence"] < 0.5
     assert len(info["names"]) == 3
@@ -353,7 +354,7 @@ def test_label_vertebrae_returns_verse_ids_on_the_input_grid():
     mask_pir = sitk.Resample(image(mask, np.uint8), pir, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     truth_pir = sitk.GetArrayFromImage(sitk.Resample(image(truth, np.uint8), pir, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
 
-    labels_img, info = vertebrae.label_vertebrae(mask_pir, ct_pir)
+    labels_img, info = vertebra_labelling.label_vertebrae(mask_pir, ct_pir)
     assert labels_img.GetSize() == mask_pir.GetSize()
     assert labels_img.GetDirection() == mask_pir.GetDirection()
     assert labels_img.GetPixelID() == sitk.sitkUInt8
@@ -374,7 +375,7 @@ def test_label_vertebrae_can_add_the_sacrum_outside_the_mask():
     ct_img.SetSpacing((2.0, 2.0, 2.0))
     mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_img.CopyInformation(ct_img)
-    labels_img, info = vertebrae.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=True)
+    labels_img, info = vertebra_labelling.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=True)
     labels = sitk.GetArrayFromImage(labels_img)
     sacrum = labels == 26
     assert info["sacrum_ml"] > 10.0 and sacrum.any()
@@ -387,7 +388,7 @@ def test_label_vertebrae_rejects_an_empty_mask():
     sitk = pytest.importorskip("SimpleITK")
     ct = sitk.Image([20, 20, 20], sitk.sitkFloat32)
     with pytest.raises(SegmentationError) as error:
-        vertebrae.label_vertebrae(sitk.Image([20, 20, 20], sitk.sitkUInt8), ct)
+        vertebra_labelling.label_vertebrae(sitk.Image([20, 20, 20], sitk.sitkUInt8), ct)
     assert error.value.code == "no_spine_found"
 
 
@@ -406,16 +407,16 @@ def test_a_piece_of_the_sacrum_in_the_mask_is_not_named_as_a_vertebra():
     ct, mask, truth = make_spine(LUMBAR, sacrum=True)
     mask_with_fragment, fragment = _with_sacral_fragment(ct, mask, truth)
     assert fragment.sum() * 8 / 1000 > 1.0  # more than min_vertebra_ml: split_vertebrae keeps it as a segment
-    instances, details = vertebrae.split_vertebrae(mask_with_fragment, ct, 2.0, return_details=True)
+    instances, details = split.split_vertebrae(mask_with_fragment, ct, 2.0, return_details=True)
     assert instances.max() == 6
-    assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 6
+    assert evidence.caudal_fragment(instances, details["centreline"], 2.0) == 6
 
     ct_img = sitk.GetImageFromArray(ct)
     ct_img.SetSpacing((2.0, 2.0, 2.0))
     mask_img = sitk.GetImageFromArray(mask_with_fragment.astype(np.uint8))
     mask_img.CopyInformation(ct_img)
     for include_sacrum in (False, True):
-        labels_img, info = vertebrae.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=include_sacrum)
+        labels_img, info = vertebra_labelling.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=include_sacrum)
         labels = sitk.GetArrayFromImage(labels_img)
         assert info["names"] == ["L1", "L2", "L3", "L4", "L5"] and info["sacral_fragment_in_mask"]
         assert "sacrum" in info["method"]
@@ -431,9 +432,9 @@ def test_an_under_segmented_lowest_vertebra_stays_a_vertebra():
     l5 = truth == 5
     z = np.nonzero(l5.any(axis=(1, 2)))[0]
     mask = mask & ~(l5 & (np.arange(ct.shape[0]) < z.min() + 0.66 * (z.max() - z.min()))[:, None, None])
-    instances, details = vertebrae.split_vertebrae(mask, ct, 2.0, return_details=True)
+    instances, details = split.split_vertebrae(mask, ct, 2.0, return_details=True)
     assert instances.max() == 5
-    assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 0
+    assert evidence.caudal_fragment(instances, details["centreline"], 2.0) == 0
 
 
 
@@ -441,9 +442,9 @@ def test_bone_below_the_column_is_judged_on_the_part_the_scan_shows():
     # 1.5 ml of bone below the lowest vertebra: too little for a fully visible region, but it
     # fills the quarter of the region that a scan ending just inside S1 (or a narrow slab) shows
     found = {"fov_share": 0.25, "central_ml": 1.4, "lateral_ml": 0.1, "lateral_sides": 0, "piece_ml": 30.0}
-    assert vertebrae._end_evidence(found, caudal=True)["bone_found"]
-    assert not vertebrae._end_evidence(dict(found, fov_share=1.0), caudal=True)["bone_found"]
-    assert not vertebrae._end_evidence(dict(found, fov_share=0.05, central_ml=0.3), caudal=True)["bone_found"]  # a quarter at least
+    assert naming._end_evidence(found, caudal=True)["bone_found"]
+    assert not naming._end_evidence(dict(found, fov_share=1.0), caudal=True)["bone_found"]
+    assert not naming._end_evidence(dict(found, fov_share=0.05, central_ml=0.3), caudal=True)["bone_found"]  # a quarter at least
 
 
 def test_a_sacral_piece_below_a_thinned_l5_is_still_the_sacrum():
@@ -456,12 +457,12 @@ def test_a_sacral_piece_below_a_thinned_l5_is_still_the_sacrum():
     far_from_midline = np.abs(np.arange(ct.shape[2]) * 2.0 - centre_x)[None, None, :] > 7.0
     l5_body_rim = (truth == 5) & far_from_midline & (np.arange(ct.shape[1]) * 2.0 < 20.0 + 2.0 * 15.0)[None, :, None]
     mask = mask & ~l5_body_rim
-    instances, details = vertebrae.split_vertebrae(mask, ct, 2.0, return_details=True)
+    instances, details = split.split_vertebrae(mask, ct, 2.0, return_details=True)
     assert instances.max() == 6
     assert (instances[(truth == 5) & mask] == 5).mean() > 0.5 and not (truth[instances == 5] == 4).any()  # the thinned L5 is still a vertebra of its own
-    thickest = [vertebrae.in_plane_thickness_mm(np.pad(instances == v, 1), 2.0).max() for v in (4, 5, 6)]
+    thickest = [centreline.in_plane_thickness_mm(np.pad(instances == v, 1), 2.0).max() for v in (4, 5, 6)]
     assert thickest[2] >= 0.8 * thickest[1]  # as thick as the thinned L5: the old test kept it
-    assert vertebrae.caudal_fragment(instances, details["centreline"], 2.0) == 6
+    assert evidence.caudal_fragment(instances, details["centreline"], 2.0) == 6
 
 
 def test_a_spinous_process_stays_with_its_vertebra_when_the_mask_bridges_to_the_one_below():
@@ -479,7 +480,7 @@ def test_a_spinous_process_stays_with_its_vertebra_when_the_mask_bridges_to_the_
         for side in (-1.0, 1.0):  # facet joints
             bridged |= (z >= body_bottom - 9) & (z <= body_bottom + 1) & (y >= centre_y + 1.5 * radius) & (y <= centre_y + 2.1 * radius) & (np.abs(x - centre_x - side * 0.6 * radius) <= 4.0)
     assert ndimage.label(bridged, structure=np.ones((3, 3, 3)))[1] == 1  # one piece: the arches touch
-    instances = vertebrae.split_vertebrae(bridged, ct, spacing)
+    instances = split.split_vertebrae(bridged, ct, spacing)
     assert instances.max() == 5
     spinous = y >= centre_y + 2.3 * radius
     for value in range(1, 6):
@@ -501,7 +502,7 @@ def votes_from(truth, verse_ids):
 def test_network_name_shares_are_per_segment_vote_fractions():
     instances = np.array([[[1, 1, 1, 2, 2, 0, 3]]])
     votes = np.array([[[20, 20, 21, 22, 0, 24, 0]]], dtype=np.uint8)
-    shares = vertebrae.network_name_shares(instances, votes, 3)
+    shares = naming_model.network_name_shares(instances, votes, 3)
     assert shares.shape == (3, 29)
     assert shares[0, 20] == pytest.approx(2 / 3) and shares[0, 21] == pytest.approx(1 / 3)
     assert shares[1, 22] == 1.0  # the unvoted voxel does not dilute it; the vote outside any segment is ignored
@@ -510,10 +511,10 @@ def test_network_name_shares_are_per_segment_vote_fractions():
 
 def test_network_votes_name_a_thoracic_run_that_ribs_alone_cannot_place():
     ct, mask, truth = make_spine(THORACIC, ribs=(0, 1, 2, 3), margin_below_mm=0.0, margin_above_mm=0.0)
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
-    _, alone = vertebrae.name_vertebrae(instances, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    _, alone = naming.name_vertebrae(instances, ct, 2.0)
     assert alone["confidence"] < 0.5  # four rib-bearing vertebrae could be any four of T1-T12
-    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0, name_votes=votes_from(truth, [13, 14, 15, 16]))
+    labels, info = naming.name_vertebrae(instances, ct, 2.0, name_votes=votes_from(truth, [13, 14, 15, 16]))
     assert info["names"] == ["T6", "T7", "T8", "T9"]
     assert "network" in info["method"] and info["confidence"] > 0.9
     assert [e["network"] for e in info["evidence"]] == ["T6", "T7", "T8", "T9"]
@@ -522,8 +523,8 @@ def test_network_votes_name_a_thoracic_run_that_ribs_alone_cannot_place():
 
 def test_votes_out_of_anatomical_order_still_give_a_chain_the_anchors_agree_with():
     ct, mask, truth = make_spine(LUMBAR, sacrum=True)
-    instances = vertebrae.split_vertebrae(mask, ct, 2.0)
+    instances = split.split_vertebrae(mask, ct, 2.0)
     # the network swaps the top two and calls the lowest one L4 again: no duplicates, no gaps come out
-    labels, info = vertebrae.name_vertebrae(instances, ct, 2.0, name_votes=votes_from(truth, [21, 20, 22, 23, 23]))
+    labels, info = naming.name_vertebrae(instances, ct, 2.0, name_votes=votes_from(truth, [21, 20, 22, 23, 23]))
     assert info["names"] == ["L1", "L2", "L3", "L4", "L5"]
     _assert_anatomical(labels)

@@ -21,7 +21,7 @@ STAGES = ("resample", "split", "evidence", "naming", "sacrum", "map_back")
 
 
 def chest_phantom(seed: int):
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     phantom = generate_phantom(seed, spacing_mm=(0.7, 0.7, 2.5), first_level="C7", last_level="L2", field_of_view="torso")
     return f"chest phantom (seed {seed}, C7-L2)", phantom.ct, phantom.spine_mask
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     import scipy.ndimage  # noqa: F401  (loaded by the pipeline before it labels)
     import SimpleITK as sitk
 
-    from SpineContextSegLib.anatomy.vertebrae import label_vertebrae
+    from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae
 
     cases = [chest_phantom(args.seed)] + [model_mask(folder, args.cache) for folder in args.real if os.path.isdir(folder)]
     print("| case | CT voxels | mask voxels | working grid (mm) | run | " + " | ".join(STAGES) + " | total (s) | names |")

@@ -1,6 +1,6 @@
 """Build ``SpineContextSegLib/resources/anatomy/bone_shapes.npz`` from the myo-sim bone meshes.
 
-The phantom generator (:mod:`SpineContextSegLib.phantoms.phantom`) draws thoracic and lumbar vertebrae
+The phantom generator (:mod:`SpineContextSegLib.phantoms.generator`) draws thoracic and lumbar vertebrae
 from real bone shapes when this file is present: the surface meshes of T1-T12, L1-L5 and the
 scapula of MyoSuite's musculoskeletal model (PyPI ``myo-sim`` 0.2.4, Apache-2.0; see
 ``resources/anatomy/NOTICE.txt``). Each mesh is voxelised at 0.5 mm (VTK), turned into a signed

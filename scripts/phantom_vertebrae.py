@@ -33,7 +33,7 @@ def write_phantoms(out: str) -> None:
     from SpineContextSegLib.io.files import atomic_output
     from SpineContextSegLib.io.images import write_labelmap
     from SpineContextSegLib.labels import SACRUM_ID
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     for seed, first, last, field_of_view, spacing in PHANTOMS:
         folder = os.path.join(out, f"phantom_{seed}")
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from SpineContextSegLib.evaluation.evaluate import evaluate_vertebra_cases
     from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER, vertebra_by_name
     from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
-    from SpineContextSegLib.anatomy.vertebrae import label_vertebrae
+    from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "scs-phantom-vertebrae"), help="case folders are written (and reused) here")

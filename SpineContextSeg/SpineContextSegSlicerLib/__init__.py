@@ -1,11 +1,31 @@
-"""Slicer-side helpers of the SpineContextSeg module that are testable without Qt.
+"""Everything of the SpineContextSeg module that is not its panel; ``SpineContextSeg.py`` imports these on first use.
 
-``worker_process``  start, watch, cancel and kill the segmentation worker (pure Python).
-``mrml_io``         volume export, label-map import, surfaces and STL export (``slicer`` + VTK,
-                    every function takes its nodes or an explicit scene; no ``qt``, no ``slicer.app``).
+Pure Python, tested without Slicer:
+
+``worker_command``    the worker's command line, environment and run folder.
+``worker_events``     what the worker reports: events, the outcome of a run, progress text.
+``worker_process``    start, watch, cancel and kill the segmentation worker.
+
+Against MRML (``slicer`` + VTK; in CI the PyPI ``slicer-core``), without Qt:
+
+``mrml_io``           volume export, label-map import, surfaces and STL export (every function
+                      takes its nodes or an explicit scene; no ``qt``, no ``slicer.app``).
+``segmentation_run``  one run inside Slicer: export, worker, polling on the GUI thread, stop on
+                      scene close or quit, result import (``qt`` only for the polling timer).
+``model_import``      the user's models folder; importing a model into it.
+``stl_export``        STL export of all segments or a vertebra subset.
+
+Slicer's application and GUI:
+
+``install``           the worker's Python packages: what is missing, pip installs, OpenVINO
+                      platforms, the first-run dialogs.
+``parameters``        the panel's parameter node, its choices and defaults, the logic's options.
+``selftest``          the steps of the module's self-test (``SpineContextSegTest``).
 
 Importing this package makes :mod:`SpineContextSegLib` importable: in an installed extension
-it sits next to the module folder's contents; in a source checkout it is one folder up.
+it sits next to the module folder's contents; in a source checkout it is one folder up. When
+it is missing (an incomplete install) the modules that use it raise that ``ImportError`` when
+they are imported; ``install`` and ``parameters`` do not need it.
 """
 from __future__ import annotations
 
@@ -39,4 +59,7 @@ def ensure_library_importable(module_dir: str = MODULE_DIR) -> str:
     return parent
 
 
-ensure_library_importable()
+try:
+    ensure_library_importable()
+except ImportError:  # an incomplete install: raised again where the library is needed (mrml_io, worker_events, worker_process)
+    pass

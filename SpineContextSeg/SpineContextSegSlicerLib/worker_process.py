@@ -2,8 +2,8 @@
 
 Pure Python (no ``qt``, no ``slicer``), so the whole life cycle is tested by pytest:
 
-1. :func:`build_worker_command` makes the command line of
-   ``python -m SpineContextSegLib.worker`` (inside Slicer ``python`` is ``PythonSlicer``).
+1. :func:`~SpineContextSegSlicerLib.worker_command.build_worker_command` makes the command
+   line of ``python -m SpineContextSegLib.worker`` (inside Slicer ``python`` is ``PythonSlicer``).
 2. :class:`WorkerProcess` starts it, either with :mod:`subprocess` (the default), with a
    *launcher* that returns a ``Popen`` whose stdout this class reads on a daemon thread, or
    with a *streaming launcher* that delivers the lines itself (Slicer 5.12+
@@ -11,27 +11,27 @@ Pure Python (no ``qt``, no ``slicer``), so the whole life cycle is tested by pyt
    Lines and the exit status go into one :class:`queue.Queue`.
 3. The owner calls :meth:`WorkerProcess.poll` on its own thread (Slicer: a ``QTimer`` on the
    GUI thread; scripts: :meth:`WorkerProcess.wait`). ``poll`` parses the queued lines into
-   :class:`WorkerEvent` objects and hands them to ``on_event`` on that thread, so a handler
-   may touch MRML. It also enforces the cancel grace period.
+   :class:`~SpineContextSegSlicerLib.worker_events.WorkerEvent` objects and hands them to
+   ``on_event`` on that thread, so a handler may touch MRML. It also enforces the cancel grace
+   period.
 4. Cancel: write the cancel file (the worker stops between tiles and exits with status 20);
    if it is still running after ``grace_s``, kill the PID it reported in its ``started`` line
    (the real Python: ``PythonSlicer`` is a launcher that starts it as a child) and then the
    launcher process.
 5. Every ending (success, error line, non-zero exit, death by a signal, cancel, a failed
-   start) produces exactly one ``finished`` event carrying a :class:`WorkerOutcome`; the
-   temporary folder is removed right after that event's handlers ran.
+   start) produces exactly one ``finished`` event carrying a
+   :class:`~SpineContextSegSlicerLib.worker_events.WorkerOutcome`; the temporary folder is
+   removed right after that event's handlers ran.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import queue
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import IO, Any, Callable, Dict, List, Optional, Sequence
@@ -40,24 +40,20 @@ from . import ensure_library_importable
 
 ensure_library_importable()
 
-from SpineContextSegLib.errors import ERROR_CODES, SegmentationError  # noqa: E402
-from SpineContextSegLib.progress import STAGES, decode_message  # noqa: E402
+from SpineContextSegLib.progress import decode_message  # noqa: E402
 
-WORKER_MODULE = "SpineContextSegLib.worker"
-DEVICES = ("auto", "cpu", "cuda")
-TASKS = ("spine", "vertebrae")
-
-#: Outcome statuses.
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
-
-#: Codes for endings the worker could not report itself (not in ``ERROR_CODES``).
-WORKER_DIED = "worker_died"  # killed by a signal (out-of-memory killer, user, crash)
-WORKER_EXITED = "worker_exited"  # non-zero exit status without an ``error`` line
-WORKER_NO_RESULT = "worker_no_result"  # exit status 0 but no ``result`` line
-WORKER_START_FAILED = "worker_start_failed"  # the executable could not be started
-RESULT_IMPORT_FAILED = "result_import_failed"  # the owner's handler failed on a good result
+from .worker_events import (  # noqa: E402
+    CANCELLED,
+    FAILED,
+    RESULT_IMPORT_FAILED,
+    SUCCEEDED,
+    WORKER_DIED,
+    WORKER_EXITED,
+    WORKER_NO_RESULT,
+    WORKER_START_FAILED,
+    WorkerEvent,
+    WorkerOutcome,
+)
 
 #: Lines kept for messages and for the log of a failed run.
 LOG_TAIL_LINES = 40
@@ -66,200 +62,6 @@ Launcher = Callable[[List[str], Optional[Dict[str, str]], Optional[str]], Any]
 StreamingLauncher = Callable[
     [List[str], Optional[Dict[str, str]], Optional[str], Callable[[str], None], Callable[[int], None]], Any
 ]
-
-
-def build_worker_command(
-    python_executable: str,
-    input_path: str,
-    output_path: str,
-    *,
-    model: Optional[str] = None,
-    device: str = "auto",
-    threads: Optional[int] = None,
-    overlap: Optional[float] = None,
-    task: str = "spine",
-    cancel_file: Optional[str] = None,
-    stl_path: Optional[str] = None,
-    qc_path: Optional[str] = None,
-    roi_path: Optional[str] = None,
-    centreline_path: Optional[str] = None,
-) -> List[str]:
-    """The worker's command line (the same options as ``spinecontextseg segment --progress json``).
-
-    Parameters
-    ----------
-    python_executable : str
-        Interpreter that has the library's dependencies; inside Slicer ``sys.executable``
-        (the ``PythonSlicer`` launcher).
-    input_path, output_path : str
-        Input CT (any format the library reads) and the label map to write (``.nrrd``).
-    model : str, optional
-        Model folder (``model.onnx`` + ``model.json``) or its ``model.onnx``; default the bundled model.
-    device : {"auto", "cpu", "cuda"}
-    threads : int, optional
-        CPU threads for inference; ``None`` or ``0`` lets the worker choose.
-    overlap : float, optional
-        Tile overlap in [0, 1); ``None`` uses the model card's default.
-    task : {"spine", "vertebrae"}
-    cancel_file, stl_path, qc_path, roi_path, centreline_path : str, optional
-        Passed through as ``--cancel-file``, ``--stl``, ``--qc``, ``--roi`` and ``--centreline``.
-    """
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
-    command = [python_executable, "-m", WORKER_MODULE, os.fspath(input_path), "-o", os.fspath(output_path)]
-    command += ["--device", device]
-    if task != "spine":  # the default; workers without --task (before the vertebrae model) still run
-        command += ["--task", task]
-    if model:
-        command += ["--model", os.fspath(model)]
-    if threads:
-        command += ["--threads", str(int(threads))]
-    if overlap is not None:
-        if not 0.0 <= float(overlap) < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), not {overlap!r}")
-        command += ["--overlap", repr(float(overlap))]
-    if cancel_file:
-        command += ["--cancel-file", os.fspath(cancel_file)]
-    if stl_path:
-        command += ["--stl", os.fspath(stl_path)]
-    if qc_path:
-        command += ["--qc", os.fspath(qc_path)]
-    if roi_path:
-        command += ["--roi", os.fspath(roi_path)]
-    if centreline_path:
-        command += ["--centreline", os.fspath(centreline_path)]
-    return command
-
-
-def worker_environment(library_parent: str, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """Variables to add for the worker: the library on ``PYTHONPATH``, unbuffered UTF-8 output.
-
-    Returns only the variables to set or override (what ``launchConsoleProcess``'s
-    ``updateEnvironment`` expects); ``base`` (default ``os.environ``) only supplies an
-    existing ``PYTHONPATH`` to extend.
-    """
-    base = os.environ if base is None else base
-    python_path = [library_parent] + [p for p in base.get("PYTHONPATH", "").split(os.pathsep) if p and p != library_parent]
-    return {
-        "PYTHONPATH": os.pathsep.join(python_path),
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONIOENCODING": "utf-8",
-    }
-
-
-def create_temp_dir(parent: Optional[str] = None) -> str:
-    """A fresh private folder for one run (short name: Windows path-length limits)."""
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix="scs-", dir=parent)
-
-
-@dataclasses.dataclass
-class WorkerEvent:
-    """One thing that happened, in the order it happened.
-
-    ``kind`` is a protocol type (``started``, ``progress``, ``warning``, ``result``, ``error``),
-    ``log`` for any other output line (tracebacks, library warnings), or ``finished`` (last
-    event; ``outcome`` is set).
-    """
-
-    kind: str
-    message: Dict[str, Any] = dataclasses.field(default_factory=dict)
-    line: str = ""
-    outcome: Optional["WorkerOutcome"] = None
-
-    def describe(self) -> str:
-        """A short human-readable line (status bar, log)."""
-        if self.kind == "progress":
-            return describe_progress(self.message)
-        if self.kind in ("warning", "error"):
-            return f"{self.kind.capitalize()} [{self.message.get('code', '?')}]: {self.message.get('message', '')}"
-        if self.kind == "started":
-            return f"Worker started (PID {self.message.get('pid')}, version {self.message.get('version', '?')})."
-        if self.kind == "result":
-            return "Worker finished; importing the result."
-        if self.kind == "finished" and self.outcome is not None:
-            return self.outcome.message
-        return self.line
-
-
-def describe_progress(message: Dict[str, Any]) -> str:
-    """``"network 3/12, about 4 s left"`` from a progress message."""
-    stage = str(message.get("stage", "?"))
-    text = f"{stage} {message.get('done', 0)}/{message.get('total', 0)}"
-    eta = message.get("eta_s")
-    if isinstance(eta, (int, float)) and eta > 0:
-        text += f", about {format_duration(eta)} left"
-    return text
-
-
-def format_duration(seconds: float) -> str:
-    """``"4 s"``, ``"1 min 05 s"``; rounded up, so a short wait never reads as 0 s."""
-    seconds = max(0, int(math.ceil(seconds)))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    return f"{minutes} min {seconds:02d} s"
-
-
-def overall_fraction(message: Dict[str, Any]) -> float:
-    """Progress of the whole run in [0, 1], from a stage's progress (stages weighted by typical cost).
-
-    The network stage dominates; the others are short. Unknown stages count as the network stage.
-    """
-    weights = {"read": 3, "preprocess": 5, "network": 70, "stitch": 4, "postprocess": 8, "write": 4, "mesh": 4, "qc": 2}
-    stage = message.get("stage")
-    total = max(int(message.get("total") or 0), 1)
-    done = min(max(int(message.get("done") or 0), 0), total)
-    before = 0
-    for name in STAGES:
-        if name == stage:
-            break
-        before += weights.get(name, 0)
-    else:
-        return done / total
-    return (before + weights.get(str(stage), 0) * done / total) / sum(weights.values())
-
-
-@dataclasses.dataclass
-class WorkerOutcome:
-    """How a run ended.
-
-    status : ``succeeded``, ``failed`` or ``cancelled``
-    code : an :data:`~SpineContextSegLib.errors.ERROR_CODES` key from the worker's ``error``
-        line, or one of this module's ``WORKER_*`` codes for endings the worker could not report.
-    """
-
-    status: str
-    code: str = ""
-    message: str = ""
-    exit_status: Optional[int] = None
-    result: Optional[Dict[str, Any]] = None
-    log_tail: List[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == SUCCEEDED
-
-    def remedy(self) -> str:
-        """What the user should do (from ``ERROR_CODES``), or a generic hint."""
-        if self.code in ERROR_CODES:
-            return ERROR_CODES[self.code].remedy
-        return {
-            WORKER_DIED: "Close other programs (the system may have run out of memory), choose CPU or fewer threads, and try again.",
-            WORKER_EXITED: "Open the log for the worker's last lines; a missing Python package is the usual cause.",
-            WORKER_NO_RESULT: "Open the log and report the problem.",
-            WORKER_START_FAILED: "Reinstall the SpineContextSeg extension.",
-            RESULT_IMPORT_FAILED: "Open the log and report the problem.",
-        }.get(self.code, "")
-
-    def to_exception(self) -> SegmentationError:
-        """A :class:`SegmentationError` for scripting callers (codes outside ``ERROR_CODES`` become ``internal``)."""
-        if self.code in ERROR_CODES:
-            return SegmentationError(self.code, self.message, details={"exit_status": self.exit_status})
-        return SegmentationError("internal", self.message, details={"reason": self.code, "exit_status": self.exit_status})
 
 
 def signal_name(number: int) -> str:
@@ -328,14 +130,16 @@ class WorkerProcess:
     Parameters
     ----------
     command : list of str
-        From :func:`build_worker_command` (or any program speaking the protocol).
+        From :func:`~SpineContextSegSlicerLib.worker_command.build_worker_command` (or any
+        program speaking the protocol).
     temp_dir : str, optional
         The run's private folder (input export, output mask, cancel file); removed after the
         ``finished`` event, whatever the ending. ``None``: nothing to remove.
     cancel_file : str, optional
         Path the worker watches (``--cancel-file``); :meth:`cancel` creates it.
     env : dict, optional
-        Variables to add to the environment (see :func:`worker_environment`).
+        Variables to add to the environment (see
+        :func:`~SpineContextSegSlicerLib.worker_command.worker_environment`).
     cwd : str, optional
     on_event : callable, optional
         ``on_event(WorkerEvent)``, called from :meth:`poll` on the polling thread. An exception

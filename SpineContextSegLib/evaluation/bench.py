@@ -197,7 +197,7 @@ def full_size_phantom(path: str, seed: int = 7) -> str:
     """A 512x512x400 CT at 0.78x0.78x1 mm from the phantom generator (timing input, T6 to sacrum, cropped)."""
     import SimpleITK as sitk
 
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     if not os.path.exists(path):
         phantom = generate_phantom(seed, spacing_mm=(0.78125, 0.78125, 1.0), first_level=13, last_level=26, field_of_view="torso")

@@ -81,7 +81,8 @@ def evaluate_cases(
     ValueError
         If a prediction is not on its CT's grid or a case has no labelled voxel.
     """
-    from SpineContextSegLib.evaluation.metrics import check_same_grid, score_masks, threshold_baseline
+    from SpineContextSegLib.evaluation.metrics import score_masks, threshold_baseline
+    from SpineContextSegLib.io.grids import check_same_grid
 
     rows = []
     for case in cases:
@@ -119,7 +120,8 @@ def evaluate_vertebra_cases(cases: Iterable[object], predict: Callable[["sitk.Im
     import SimpleITK as sitk
 
     from SpineContextSegLib.labels import vertebra_by_verse_id
-    from SpineContextSegLib.evaluation.metrics import check_same_grid, identification_rate, per_label_dice, per_label_hd95_mm
+    from SpineContextSegLib.evaluation.metrics import identification_rate, per_label_dice, per_label_hd95_mm
+    from SpineContextSegLib.io.grids import check_same_grid
 
     rows = []
     for case in cases:
@@ -270,7 +272,7 @@ def _case_roots(entries: Sequence[str]) -> List[str]:
 def _prediction_reader(pred_dir: str) -> Callable[[object], Callable[["sitk.Image"], "sitk.Image"]]:
     import SimpleITK as sitk
 
-    from SpineContextSegLib.evaluation.metrics import GridMismatchError, check_same_grid
+    from SpineContextSegLib.io.grids import GridMismatchError, check_same_grid
 
     if not os.path.isdir(pred_dir):
         raise SegmentationError("input_not_found", f"Prediction folder not found: {pred_dir}.")
@@ -299,7 +301,8 @@ def _prediction_reader(pred_dir: str) -> Callable[[object], Callable[["sitk.Imag
 def run(args: argparse.Namespace) -> int:
     """Run ``spinecontextseg evaluate``; print the Markdown table; return the exit status."""
     from SpineContextSegLib.io.datasets import find_cases
-    from SpineContextSegLib.evaluation.metrics import EmptyLabelMapError, GridMismatchError
+    from SpineContextSegLib.evaluation.metrics import EmptyLabelMapError
+    from SpineContextSegLib.io.grids import GridMismatchError
 
     cases = []
     for root in _case_roots(args.cases):

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from SpineContextSegLib.io.grids import check_same_grid
+
 if TYPE_CHECKING:  # SimpleITK is imported where it is used; annotations only here.
     import SimpleITK as sitk
 
@@ -268,10 +270,6 @@ def surface_distances_mm(
 # Orientation and the labelled slab
 # --------------------------------------------------------------------------------------
 
-class GridMismatchError(ValueError):
-    """Two images that must share a voxel grid do not (raised by :func:`check_same_grid`)."""
-
-
 class EmptyLabelMapError(ValueError):
     """The label map has no labelled voxel, so no slab can be placed (raised by :func:`label_slab`)."""
 
@@ -370,27 +368,6 @@ def label_slab(labels: np.ndarray, si_axis: int) -> slice:
 # --------------------------------------------------------------------------------------
 # Scoring SimpleITK images
 # --------------------------------------------------------------------------------------
-
-
-
-def check_same_grid(image: "sitk.Image", reference: "sitk.Image", what: str = "prediction", reference_name: str = "ground truth") -> None:
-    """Raise :class:`GridMismatchError` (a ValueError) unless ``image`` has the size, spacing, origin and direction of ``reference``.
-
-    Tolerances absorb header round-off (NIfTI stores directions as quaternions):
-    spacing 1e-4 relative, origin 1e-3 mm, direction cosines 1e-4.
-    """
-    problems = []
-    if image.GetSize() != reference.GetSize():
-        problems.append(f"size {image.GetSize()} vs {reference.GetSize()}")
-    if not np.allclose(image.GetSpacing(), reference.GetSpacing(), rtol=1e-4, atol=0):
-        problems.append(f"spacing {image.GetSpacing()} vs {reference.GetSpacing()}")
-    if not np.allclose(image.GetOrigin(), reference.GetOrigin(), rtol=0, atol=1e-3):
-        problems.append(f"origin {image.GetOrigin()} vs {reference.GetOrigin()}")
-    if not np.allclose(image.GetDirection(), reference.GetDirection(), rtol=0, atol=1e-4):
-        problems.append("direction cosines differ")
-    if problems:
-        raise GridMismatchError(f"{what} is not on the {reference_name}'s voxel grid: " + "; ".join(problems) + ". Resample it onto that grid first.")
-
 
 def score_masks(
     pred_img: "sitk.Image",

@@ -123,7 +123,7 @@ def segment_image(
 
     from SpineContextSegLib.labels import labels_for_task
     from SpineContextSegLib.inference.postprocess import clean_probability
-    from SpineContextSegLib.inference.preprocessing import body_bounding_box, hu_to_unit_interval, threshold_on_input_grid, to_canonical
+    from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, threshold_on_input_grid, to_canonical
     from SpineContextSegLib.inference.stitcher import sliding_window_inference
 
     options = options or SegmentOptions()
@@ -136,8 +136,6 @@ def segment_image(
         raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
 
     stop()
-    from SpineContextSegLib.io.images import check_segmentation_memory
-
     check_segmentation_memory(image, card.spacing_mm, output_channels=card.out_channels)  # refuse before resampling, never be killed by the OS
     canonical = timer.run("preprocess", to_canonical, image, card.spacing_mm, method="linear")
     hu = sitk.GetArrayViewFromImage(canonical)
@@ -232,7 +230,7 @@ def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[D
     (the binary mask leaves the sacrum out, :mod:`SpineContextSegLib.labels`), so the rest of the
     pipeline treats it like a spine model's output. The votes are the most probable vertebra
     (VerSe id, uint8) wherever the background has less than half the probability (0 elsewhere);
-    they name the segments of the split mask (:func:`SpineContextSegLib.anatomy.vertebrae.name_vertebrae`).
+    they name the segments of the split mask (:func:`SpineContextSegLib.anatomy.naming.name_vertebrae`).
     """
     from SpineContextSegLib.labels import SACRUM_ID, classes_to_verse_ids, vertebra_class_ids
 
@@ -260,9 +258,9 @@ def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:
 
 
 def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None):
-    """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebrae.py)."""
+    """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebra_labelling.py)."""
     from SpineContextSegLib.labels import vertebra_by_verse_id
-    from SpineContextSegLib.anatomy.vertebrae import label_vertebrae
+    from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae
 
     labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes)
     info["vertebrae"] = vertebra_info

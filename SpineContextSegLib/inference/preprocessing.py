@@ -1,4 +1,4 @@
-"""Canonical geometry, intensity normalisation, body crop, and the exact way back.
+"""Canonical geometry, intensity normalisation, body crop, the exact way back, and the memory a run needs.
 
 The network always sees the **canonical grid**: axis-aligned with the LPS world axes
 (identity direction), at the model's isotropic or anisotropic ``spacing_mm``, covering the
@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Sequence, Tuple
 
 import numpy as np
 
+from SpineContextSegLib.io.memory import check_memory
+from SpineContextSegLib.io.validation import INPUT_GRID_BYTES_PER_VOXEL
+
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
 AIR_HU = -1024.0
+
+#: Peak bytes per voxel of the canonical grid: float32 HU, network input, stitcher accumulator
+#: and weights, probability, component labels (int32) and the cleaned probability.
+CANONICAL_GRID_BYTES_PER_VOXEL = 32
 
 _INTERPOLATORS = {"nearest": "sitkNearestNeighbor", "linear": "sitkLinear", "bspline": "sitkBSpline"}
 
@@ -157,3 +164,25 @@ def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", 
     result = sitk.GetImageFromArray(mask)
     result.CopyInformation(reference)
     return result
+
+
+def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm: Sequence[float], output_channels: int = 1) -> int:
+    """Peak bytes of one run on ``image``: the input grid plus the canonical grid at ``canonical_spacing_mm`` (x, y, z mm).
+
+    The canonical grid's size follows :func:`canonical_reference`
+    (it covers the input's physical extent), computed here without allocating it. A network with
+    ``output_channels`` > 1 (vertebrae) adds one float32 stitching accumulator per extra channel.
+    """
+    corners = physical_corners(image)
+    extent = corners.max(axis=0) - corners.min(axis=0)
+    canonical_voxels = float(np.prod(np.maximum(1, np.ceil(np.round(extent / np.asarray(canonical_spacing_mm, dtype=float), 6)))))
+    input_voxels = float(np.prod(image.GetSize()))
+    stored = image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    canonical_bytes = CANONICAL_GRID_BYTES_PER_VOXEL + 4 * (max(1, int(output_channels)) - 1)
+    return int(input_voxels * (stored + INPUT_GRID_BYTES_PER_VOXEL) + canonical_voxels * canonical_bytes)
+
+
+def check_segmentation_memory(image: "sitk.Image", canonical_spacing_mm: Sequence[float], *, name: str = "The CT", output_channels: int = 1) -> None:
+    """Refuse (``input_too_large``) before resampling when a run on ``image`` would not fit in free memory."""
+    needed = estimate_segmentation_memory_bytes(image, canonical_spacing_mm, output_channels)
+    check_memory(needed, f"{name} at {tuple(float(s) for s in canonical_spacing_mm)} mm")

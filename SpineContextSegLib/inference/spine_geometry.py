@@ -18,7 +18,7 @@ Region of interest (:func:`spine_roi`)
 
 Centreline (:func:`spine_centreline`)
     Points along the vertebral bodies' centreline (``points_lps_mm``, inferior to superior,
-    one per ``step_mm`` of height) from :func:`SpineContextSegLib.anatomy.vertebrae.body_centreline`
+    one per ``step_mm`` of height) from :func:`SpineContextSegLib.anatomy.centreline.body_centreline`
     on a ``step_mm`` isotropic grid; each vertebral body found (``vertebrae``: centre and
     tilt, with its name for a vertebrae-task label map); and the curvature in the sagittal
     (y-z) and coronal (x-z) planes from the vertebrae's tilts. In each plane a tilt is the
@@ -245,7 +245,7 @@ def spine_centreline(mask: "sitk.Image", *, step_mm: float = CENTRELINE_STEP_MM,
     """The vertebral bodies' centreline and its sagittal and coronal curvature.
 
     The mask (the sacrum left out) is resampled onto an isotropic LPS-aligned grid of
-    ``step_mm`` around the spine; :func:`SpineContextSegLib.anatomy.vertebrae.body_centreline` gives
+    ``step_mm`` around the spine; :func:`SpineContextSegLib.anatomy.centreline.body_centreline` gives
     the centreline there (one point per slice, ``points_lps_mm`` from the first to the last
     body slice). Every run of body slices between two discs is a vertebra; its ``centre``
     is the centroid of its body (per slice, the voxels at least 60 % as thick as the
@@ -267,7 +267,7 @@ def spine_centreline(mask: "sitk.Image", *, step_mm: float = CENTRELINE_STEP_MM,
     from scipy import ndimage
 
     from SpineContextSegLib.inference.preprocessing import canonical_reference, resample_to_reference
-    from SpineContextSegLib.anatomy.vertebrae import body_centreline, in_plane_thickness_mm
+    from SpineContextSegLib.anatomy.centreline import body_centreline, in_plane_thickness_mm
 
     array = np.asarray(sitk.GetArrayViewFromImage(mask))
     spine = _spine_only(array)

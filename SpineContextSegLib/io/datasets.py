@@ -62,7 +62,7 @@ Grids
 -----
 Every label image comes back on exactly the CT's grid. A label whose header differs from
 the CT's only by round-off (within the tolerances of
-:func:`SpineContextSegLib.evaluation.metrics.check_same_grid`: spacing 1e-4 relative, origin 1e-3 mm,
+:func:`SpineContextSegLib.io.grids.check_same_grid`: spacing 1e-4 relative, origin 1e-3 mm,
 direction 1e-4) gets the CT's geometry copied onto it; any other label is resampled onto
 the CT with nearest neighbour (0 outside the label's extent).
 """
@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.io.grids import Grid, on_grid_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -155,13 +156,13 @@ class Case:
         from SpineContextSegLib.io.images import read_image
 
         ct = read_image(self.image_path)
-        return ct, self._raw_labels_on(_Grid.of_image(ct))
+        return ct, self._raw_labels_on(Grid.of_image(ct))
 
     def load_vertebra_labels(self) -> Optional["sitk.Image"]:
         """uint8 VerSe ids on the CT's grid; None without labels or for a spine-only binary mask."""
         if self.label_path is None or (self.label_format == "binary" and self.binary_vertebra_id is None):
             return None
-        grid = _Grid.of_file(self.image_path)
+        grid = Grid.of_file(self.image_path)
         raw = self._raw_labels_on(grid)
         return grid.image_of(self.to_verse_ids(_array_view(raw)))
 
@@ -171,7 +172,7 @@ class Case:
 
         if self.label_path is None:
             return None
-        grid = _Grid.of_file(self.image_path)
+        grid = Grid.of_file(self.image_path)
         raw = self._raw_labels_on(grid)  # keep a reference: the view below does not own its memory
         values = _array_view(raw)
         if self.label_format == "binary" and self.binary_vertebra_id is None:
@@ -200,7 +201,7 @@ class Case:
             return verse_to_verse(values)
         raise ValueError(f"unknown label_format {self.label_format!r}; expected one of {LABEL_FORMATS}")
 
-    def _raw_labels_on(self, grid: "_Grid") -> Optional["sitk.Image"]:
+    def _raw_labels_on(self, grid: "Grid") -> Optional["sitk.Image"]:
         if self.label_path is None:
             return None
         if _is_mask_folder(self.label_path):
@@ -208,69 +209,7 @@ class Case:
         return on_grid_of(_read_label(self.label_path), grid, what=os.path.basename(self.label_path))
 
 
-# ---------------------------------------------------------------------- grids and images
-class _Grid:
-    """Size, spacing, origin and direction of an image, read from the header only.
-
-    Has the ``Get*`` methods that :func:`SpineContextSegLib.evaluation.metrics.check_same_grid` reads,
-    so it stands in for the CT without loading its voxels.
-    """
-
-    def __init__(self, size, spacing, origin, direction):
-        self.size = tuple(int(s) for s in size)
-        self.spacing = tuple(float(s) for s in spacing)
-        self.origin = tuple(float(o) for o in origin)
-        self.direction = tuple(float(d) for d in direction)
-
-    @classmethod
-    def of_image(cls, image: "sitk.Image") -> "_Grid":
-        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-
-    @classmethod
-    def of_file(cls, path: str) -> "_Grid":
-        import SimpleITK as sitk
-
-        if not os.path.exists(path):
-            raise SegmentationError("input_not_found", f"Dataset file not found: {path}.")
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(path)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise SegmentationError("input_unreadable", f"Cannot read {path}: the file is corrupt or not an image.") from None
-        if reader.GetDimension() != 3:
-            raise SegmentationError("input_not_3d", f"{path} is {reader.GetDimension()}D; a 3D CT volume is needed.")
-        return cls(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
-
-    def GetSize(self):  # noqa: N802 - SimpleITK's names
-        return self.size
-
-    def GetSpacing(self):  # noqa: N802
-        return self.spacing
-
-    def GetOrigin(self):  # noqa: N802
-        return self.origin
-
-    def GetDirection(self):  # noqa: N802
-        return self.direction
-
-    def image_of(self, array: np.ndarray) -> "sitk.Image":
-        """uint8 image of ``array`` (numpy order (z, y, x) = ``size[::-1]``) on this grid."""
-        import SimpleITK as sitk
-
-        array = np.ascontiguousarray(array, dtype=np.uint8)
-        if array.shape != self.size[::-1]:
-            raise ValueError(f"array shape {array.shape} does not match grid size {self.size} (x, y, z)")
-        image = sitk.GetImageFromArray(array)
-        self.stamp(image)
-        return image
-
-    def stamp(self, image: "sitk.Image") -> None:
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
-
-
+# ---------------------------------------------------------------------- label images
 def _array_view(image: "sitk.Image") -> np.ndarray:
     """Read-only numpy view (z, y, x) of ``image``; valid only while ``image`` is referenced."""
     import SimpleITK as sitk
@@ -292,49 +231,11 @@ def _read_label(path: str) -> "sitk.Image":
     return image
 
 
-def on_grid_of(label: "sitk.Image", reference, *, what: str = "label") -> "sitk.Image":
-    """``label`` on exactly ``reference``'s voxel grid, values unchanged.
-
-    A header within :func:`SpineContextSegLib.evaluation.metrics.check_same_grid`'s round-off tolerances
-    of ``reference`` gets ``reference``'s geometry copied (no resampling); any other grid is
-    resampled with nearest neighbour, 0 outside the label's extent.
-
-    Parameters
-    ----------
-    label : SimpleITK.Image, 3D scalar
-        Label map, any pixel type.
-    reference : SimpleITK.Image or anything with ``GetSize/GetSpacing/GetOrigin/GetDirection``
-        The CT (or its header).
-    what : str
-        Name used in messages.
-
-    Returns
-    -------
-    SimpleITK.Image
-        Pixel type of ``label``; size, spacing, origin and direction of ``reference``.
-    """
-    import SimpleITK as sitk
-
-    from SpineContextSegLib.evaluation.metrics import GridMismatchError, check_same_grid
-
-    grid = reference if isinstance(reference, _Grid) else _Grid.of_image(reference)
-    try:
-        check_same_grid(label, grid, what=what, reference_name="CT")
-    except GridMismatchError:
-        return sitk.Resample(
-            label, grid.size, sitk.Transform(), sitk.sitkNearestNeighbor, grid.origin, grid.spacing, grid.direction, 0, label.GetPixelID()
-        )
-    if (label.GetSpacing(), label.GetOrigin(), label.GetDirection()) != (grid.spacing, grid.origin, grid.direction):
-        label = sitk.Image(label)  # a copy: the caller's image keeps its header
-        grid.stamp(label)
-    return label
-
-
 def _is_mask_folder(path: Optional[str]) -> bool:
     return path is not None and os.path.isdir(path)
 
 
-def _verse_ids_from_mask_folder(folder: str, grid: _Grid) -> np.ndarray:
+def _verse_ids_from_mask_folder(folder: str, grid: Grid) -> np.ndarray:
     """uint8 VerSe ids (numpy order, ``grid``) from TotalSegmentator's ``segmentations/<name>.nii.gz`` masks."""
     from SpineContextSegLib.labels import TOTALSEGMENTATOR_NAME_TO_VERSE
 

@@ -116,7 +116,7 @@ def check_dicom_seg_output(path: str, source: Optional[str], series_uid: Optiona
             f"Cannot write the DICOM SEG {os.path.basename(path)}: {what}, and a DICOM SEG must reference the CT's DICOM slices. "
             f"Pass the folder holding the CT's .dcm files, or write the mask as .nii.gz, .nrrd or .seg.nrrd.",
         )
-    from SpineContextSegLib.io.images import dicom_series_files
+    from SpineContextSegLib.io.dicom import dicom_series_files
 
     files = dicom_series_files(source, series_uid)  # dicom_no_series / dicom_multiple_series
     if os.path.exists(path) and any(os.path.samefile(path, name) for name in files):
@@ -275,7 +275,7 @@ def write_dicom_seg(
 
     from SpineContextSegLib import __version__
     from SpineContextSegLib.io.files import atomic_output
-    from SpineContextSegLib.io.images import dicom_series_files
+    from SpineContextSegLib.io.dicom import dicom_series_files
 
     check_dicom_seg_output(path, source, series_uid)
     if source is None or not os.path.isdir(source):  # a missing source: check_dicom_seg_output left it to the reader

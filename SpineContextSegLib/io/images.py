@@ -12,20 +12,25 @@ CT stored as unsigned integers without a rescale intercept (values 0..4095, air 
 is recognised from its histogram and shifted to Hounsfield units (HU = value - 1024) with
 the warning ``input_unsigned_ct``; images that do not look like CT (e.g. MR) are segmented
 with the warning ``input_not_ct``, never silently.
+
+The checks themselves are in :mod:`SpineContextSegLib.io.validation`, DICOM series in
+:mod:`SpineContextSegLib.io.dicom`; this module reads files, ties the steps together
+(:func:`read_image`) and writes label maps (:func:`write_labelmap`).
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import struct
 import zlib
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
 
 from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.io.dicom import read_dicom_series
 from SpineContextSegLib.io.files import atomic_output, output_suffix
+from SpineContextSegLib.io.validation import bytes_per_component, check_header, itk_warnings_off, undo_unsigned_offset, validate_ct
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -37,23 +42,6 @@ READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
 #: A DICOM Segmentation object (needs a DICOM series input and highdicom): :mod:`.dicom_seg`.
 DICOM_SEG_SUFFIX = ".dcm"
-
-#: Relative tolerance on slice-to-slice distance in a DICOM series before we call it uneven.
-DICOM_SPACING_TOLERANCE = 0.01
-#: In-plane shift per mm of slice step above which a DICOM series is sheared (gantry tilt > ~0.6 degrees).
-DICOM_SHEAR_TOLERANCE = 0.01
-#: Largest deviation of the direction matrix from orthonormal that we accept (rounded DICOM cosines).
-DIRECTION_ORTHONORMAL_TOLERANCE = 1e-3
-
-#: Unsigned CT without RescaleIntercept: HU = stored value - 1024 (the intercept scanners almost always use).
-UNSIGNED_CT_OFFSET = 1024
-
-#: Peak bytes a run needs per voxel of the input grid, beyond the stored voxels: the linear
-#: resampling of the probability back onto it (float32) and the uint8 mask (two copies).
-INPUT_GRID_BYTES_PER_VOXEL = 6
-#: Peak bytes per voxel of the canonical grid: float32 HU, network input, stitcher accumulator
-#: and weights, probability, component labels (int32) and the cleaned probability.
-CANONICAL_GRID_BYTES_PER_VOXEL = 32
 
 # What each extension should hold, for messages about misnamed files.
 _FORMAT_OF_SUFFIX = {".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage", ".dcm": "DICOM"}
@@ -74,60 +62,12 @@ def read_image(path: str, *, series_uid: Optional[str] = None, reporter: Optiona
     modality: Optional[str] = None
     with itk_warnings_off():
         if os.path.isdir(path):
-            image, modality = _read_dicom_series(path, series_uid)
+            image, modality = read_dicom_series(path, series_uid)
         else:
             image = _read_image_file(path, name)
-    image = _undo_unsigned_offset(image, name=name, modality=modality, reporter=reporter)
+    image = undo_unsigned_offset(image, name=name, modality=modality, reporter=reporter)
     validate_ct(image, name=name, reporter=reporter, modality=modality)
     return image
-
-
-@contextlib.contextmanager
-def itk_warnings_off() -> Iterator[None]:
-    """Silence ITK's C++ warnings (printed straight to stderr) for the duration; errors still raise."""
-    import SimpleITK as sitk
-
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
-
-
-#: SOP classes that are not images but that GDCM lists as series: segmentations (a DICOM SEG
-#: written beside the CT), registrations, RT structure sets, structured reports, presentation states.
-NON_IMAGE_SOP_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.")
-
-
-def dicom_series_ids(folder: str) -> List[str]:
-    """SeriesInstanceUIDs of the DICOM image series directly in ``folder`` (empty when none).
-
-    Series of non-image objects (:data:`NON_IMAGE_SOP_CLASS_PREFIXES`, e.g. a DICOM SEG this
-    tool wrote into the CT's folder) are left out, so they never make a folder "several series".
-    """
-    import SimpleITK as sitk
-
-    with itk_warnings_off():
-        series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder) or ())
-        return [uid for uid in series_ids if not _is_non_image_series(folder, uid)]
-
-
-def _is_non_image_series(folder: str, series_uid: str) -> bool:
-    """Whether the first file of a series has a non-image SOP class (unreadable headers: no, the reader decides)."""
-    import SimpleITK as sitk
-
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid)
-    if not files:
-        return False
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(files[0])
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return False
-    sop_class = reader.GetMetaData("0008|0016").strip().rstrip("\x00") if reader.HasMetaDataKey("0008|0016") else ""
-    return sop_class.startswith(NON_IMAGE_SOP_CLASS_PREFIXES)
 
 
 def _read_image_file(path: str, name: str) -> "sitk.Image":
@@ -150,7 +90,7 @@ def _read_image_file(path: str, name: str) -> "sitk.Image":
         spacing=reader.GetSpacing(),
         direction=reader.GetDirection(),
         components=reader.GetNumberOfComponents(),
-        bytes_per_component=_bytes_per_component(reader.GetPixelID()),
+        bytes_per_component=bytes_per_component(reader.GetPixelID()),
     )
     if _format_of(path) == "NIfTI" and not nifti_file_is_complete(path):
         raise SegmentationError("input_unreadable", f"{name} is truncated (the file ends before its last voxel). Re-export or re-copy the CT.")
@@ -324,331 +264,6 @@ def _nifti_expected_bytes(header: bytes) -> Optional[int]:
         return None
     voxels = int(np.prod([max(0, int(d)) for d in dims[1 : dims[0] + 1]], dtype=object))
     return max(vox_offset, 0) + voxels * bitpix // 8
-
-
-def _bytes_per_component(pixel_id: int) -> int:
-    import SimpleITK as sitk
-
-    name = sitk.GetPixelIDValueAsString(pixel_id)  # e.g. "16-bit signed integer", "vector of 32-bit float"
-    for bits in (8, 16, 32, 64):
-        if f"{bits}-bit" in name:
-            return bits // 8 * (2 if "complex" in name else 1)
-    return 8
-
-
-def check_header(
-    name: str,
-    *,
-    dimension: int,
-    size: Sequence[int],
-    spacing: Sequence[float],
-    direction: Sequence[float],
-    components: int = 1,
-    bytes_per_component: int = 2,
-) -> None:
-    """Everything that can be refused from a header alone, before a voxel is read.
-
-    Parameters
-    ----------
-    size, spacing, direction
-        As ITK reports them: (x, y, z) voxels, (x, y, z) mm, row-major direction cosines.
-    components, bytes_per_component
-        Per voxel, as stored; they size the memory the input itself takes.
-    """
-    if components != 1:
-        raise SegmentationError("input_not_scalar", f"{name} has {components} components per voxel (RGB/vector). Pass a greyscale CT.")
-    if dimension != 3:
-        hint = " (a time series or several volumes in one file)" if dimension > 3 else ""
-        raise SegmentationError("input_not_3d", f"{name} is {dimension}D{hint}; a 3D CT volume is needed.")
-    size = tuple(int(s) for s in size)
-    if min(size) <= 0:
-        raise SegmentationError("input_empty", f"{name} has no voxels (size {size}).")
-    if min(size) < 2:
-        raise SegmentationError("input_not_3d", f"{name} is a single slice (size {size}); a 3D CT with several slices is needed.")
-    check_geometry(name, np.abs(np.asarray(spacing, dtype=float)), direction)  # ITK folds a negative spacing into the direction
-    needed = int(np.prod(size, dtype=np.float64) * (components * bytes_per_component + INPUT_GRID_BYTES_PER_VOXEL))
-    check_memory(needed, f"{name} ({size[0]} x {size[1]} x {size[2]} voxels)")
-
-
-def check_geometry(name: str, spacing: Sequence[float], direction: Sequence[float]) -> None:
-    """Spacing must be finite and positive; direction cosines finite and orthonormal (rotation or reflection)."""
-    spacing = np.asarray(spacing, dtype=float)
-    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise SegmentationError("input_geometry", f"{name} has invalid voxel spacing {tuple(spacing.tolist())} mm; fix the header.")
-    if not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) < 1e-6:
-        raise SegmentationError("input_geometry", f"{name} has a singular or invalid direction matrix; fix the header.")
-    if np.max(np.abs(matrix.T @ matrix - np.eye(3))) > DIRECTION_ORTHONORMAL_TOLERANCE:
-        raise SegmentationError(
-            "input_geometry",
-            f"{name} has sheared (non-orthogonal) axes, e.g. from a CT gantry tilt; resample it onto an orthogonal grid first.",
-        )
-
-
-# ----------------------------------------------------------------------------- memory
-def available_memory_bytes() -> Optional[int]:
-    """Memory this process can still use: MemAvailable + SwapFree, capped by a cgroup limit; None if unknown.
-
-    Linux reads ``/proc/meminfo`` and the cgroup (v2 or v1) files; other systems use
-    ``os.sysconf`` where it exists (free physical pages), else None (no check).
-    """
-    available: Optional[int] = None
-    fields = {}
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:  # "MemAvailable:   22645592 kB"
-                key, _, value = line.partition(":")
-                fields[key] = int(value.split()[0]) * 1024
-    if "MemAvailable" in fields:
-        available = fields["MemAvailable"] + fields.get("SwapFree", 0)
-    if available is None:
-        try:
-            available = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-        except (AttributeError, ValueError, OSError):
-            return None
-    cgroup_free = _cgroup_free_bytes()
-    if cgroup_free is not None:
-        available = min(available, cgroup_free)
-    return available
-
-
-def _cgroup_free_bytes() -> Optional[int]:
-    """limit - (usage - inactive file cache) of this process's memory cgroup, or None without a limit."""
-    for limit_file, usage_file, stat_file, cache_key in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"),
-    ):
-        try:
-            with open(limit_file, encoding="ascii") as handle:
-                limit_text = handle.read().strip()
-            with open(usage_file, encoding="ascii") as handle:
-                usage = int(handle.read().strip())
-        except (OSError, ValueError):
-            continue
-        if not limit_text.isdigit() or int(limit_text) >= 1 << 60:
-            return None  # "max", or v1's "unlimited" sentinel
-        reclaimable = 0
-        with contextlib.suppress(OSError, ValueError):
-            with open(stat_file, encoding="ascii") as handle:
-                for line in handle:
-                    key, _, value = line.partition(" ")
-                    if key == cache_key:
-                        reclaimable = int(value)
-        return max(0, int(limit_text) - max(0, usage - reclaimable))
-    return None
-
-
-def check_memory(needed_bytes: int, what: str) -> None:
-    """Raise ``input_too_large`` when ``needed_bytes`` exceeds :func:`available_memory_bytes` (never guess high)."""
-    available = available_memory_bytes()
-    if available is not None and needed_bytes > available:
-        raise SegmentationError(
-            "input_too_large",
-            f"{what} needs about {_gigabytes(needed_bytes)} of memory but only {_gigabytes(available)} is free. "
-            f"Crop the CT to the spine region, or use a machine with more memory.",
-            details={"needed_bytes": int(needed_bytes), "available_bytes": int(available)},
-        )
-
-
-def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm: Sequence[float], output_channels: int = 1) -> int:
-    """Peak bytes of one run on ``image``: the input grid plus the canonical grid at ``canonical_spacing_mm`` (x, y, z mm).
-
-    The canonical grid's size follows :func:`~SpineContextSegLib.inference.preprocessing.canonical_reference`
-    (it covers the input's physical extent), computed here without allocating it. A network with
-    ``output_channels`` > 1 (vertebrae) adds one float32 stitching accumulator per extra channel.
-    """
-    from SpineContextSegLib.inference.preprocessing import physical_corners
-
-    corners = physical_corners(image)
-    extent = corners.max(axis=0) - corners.min(axis=0)
-    canonical_voxels = float(np.prod(np.maximum(1, np.ceil(np.round(extent / np.asarray(canonical_spacing_mm, dtype=float), 6)))))
-    input_voxels = float(np.prod(image.GetSize()))
-    stored = image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-    canonical_bytes = CANONICAL_GRID_BYTES_PER_VOXEL + 4 * (max(1, int(output_channels)) - 1)
-    return int(input_voxels * (stored + INPUT_GRID_BYTES_PER_VOXEL) + canonical_voxels * canonical_bytes)
-
-
-def check_segmentation_memory(image: "sitk.Image", canonical_spacing_mm: Sequence[float], *, name: str = "The CT", output_channels: int = 1) -> None:
-    """Refuse (``input_too_large``) before resampling when a run on ``image`` would not fit in free memory."""
-    needed = estimate_segmentation_memory_bytes(image, canonical_spacing_mm, output_channels)
-    check_memory(needed, f"{name} at {tuple(float(s) for s in canonical_spacing_mm)} mm")
-
-
-def _gigabytes(count: float) -> str:
-    for unit, power in (("PB", 50), ("TB", 40)):
-        if count >= 2 ** power:
-            return f"{count / 2 ** power:.3g} {unit}"
-    return f"{count / 2 ** 30:.1f} GB"
-
-
-# ----------------------------------------------------------------------------- DICOM
-def _read_dicom_series(folder: str, series_uid: Optional[str]) -> Tuple["sitk.Image", Optional[str]]:
-    """The series' image and its modality (``0008|0060``, e.g. ``"CT"``; None when absent)."""
-    import SimpleITK as sitk
-
-    files = dicom_series_files(folder, series_uid)
-    first, slice_step_mm = _check_dicom_slice_positions(files)
-    check_header(
-        f"The DICOM series in {os.path.basename(os.path.normpath(folder))}",
-        dimension=3,
-        size=(first.GetSize()[0], first.GetSize()[1], len(files)),
-        spacing=(first.GetSpacing()[0], first.GetSpacing()[1], slice_step_mm),
-        direction=first.GetDirection(),
-        components=first.GetNumberOfComponents(),
-        bytes_per_component=_bytes_per_component(first.GetPixelID()),
-    )
-    modality = first.GetMetaData("0008|0060").strip().upper() if first.HasMetaDataKey("0008|0060") else None
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        return reader.Execute(), modality or None
-    except RuntimeError:
-        raise SegmentationError("input_unreadable", f"Cannot read the DICOM series in {folder}: a file is corrupt.") from None
-
-
-def dicom_series_files(folder: str, series_uid: Optional[str] = None) -> List[str]:
-    """The files of the one DICOM series in ``folder`` (or of ``series_uid``), in ITK's slice order.
-
-    Raises ``dicom_no_series`` when the folder holds none, ``dicom_multiple_series`` when it
-    holds several and ``series_uid`` does not choose one of them.
-    """
-    import SimpleITK as sitk
-
-    series_ids = dicom_series_ids(folder)
-    if not series_ids:
-        raise SegmentationError("dicom_no_series", f"No DICOM image series in folder {folder}. Point to the folder holding the CT's .dcm files.")
-    if series_uid is None:
-        if len(series_ids) > 1:
-            raise SegmentationError(
-                "dicom_multiple_series",
-                f"Folder {folder} holds {len(series_ids)} DICOM series ({', '.join(series_ids)}). Choose one with --series UID.",
-                details={"series": series_ids},
-            )
-        series_uid = series_ids[0]
-    elif series_uid not in series_ids:
-        raise SegmentationError("dicom_multiple_series", f"Series {series_uid} is not in {folder}; found: {', '.join(series_ids)}.")
-    with itk_warnings_off():
-        return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_uid))
-
-
-def _check_dicom_slice_positions(files: Sequence[str]) -> Tuple["sitk.ImageFileReader", float]:
-    """Refuse duplicated, missing, unevenly spaced or sheared slices (ITK would silently stretch or skew the volume).
-
-    Returns the reader of the first file (its header: size, direction, pixel type, tags)
-    and the slice step in mm.
-    """
-    import SimpleITK as sitk
-
-    if len(files) < 2:
-        raise SegmentationError("input_not_3d", "The DICOM series has a single slice; a 3D CT needs many. Pass the folder of the whole series.")
-    origins, normal, first = [], None, None
-    for name in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise SegmentationError("input_unreadable", f"DICOM file {os.path.basename(name)} is corrupt or truncated.") from None
-        if normal is None:
-            first = reader
-            normal = np.array(reader.GetDirection()).reshape(3, 3)[:, 2]
-        origins.append(reader.GetOrigin())
-    origins_mm = np.array(origins, dtype=float)
-    positions = origins_mm @ normal
-    order = np.argsort(positions)
-    steps = np.diff(positions[order])
-    if np.any(steps < 1e-3):
-        raise SegmentationError("dicom_inconsistent", "The DICOM series has duplicated slices (two slices at the same position). Re-export the series.")
-    median = float(np.median(steps))
-    if np.any(np.abs(steps - median) > DICOM_SPACING_TOLERANCE * median + 1e-3):
-        raise SegmentationError(
-            "dicom_inconsistent",
-            f"The DICOM slices are unevenly spaced (from {steps.min():.2f} to {steps.max():.2f} mm): slices are missing "
-            f"or the series mixes acquisitions. Re-export the complete series.",
-        )
-    in_plane = origins_mm[order] - np.outer(positions[order], normal)
-    shear = np.linalg.norm(np.diff(in_plane, axis=0), axis=1) / steps
-    if np.max(shear) > DICOM_SHEAR_TOLERANCE:
-        raise SegmentationError(
-            "input_geometry",
-            f"The DICOM slices are sheared (gantry tilt of about {np.degrees(np.arctan(np.max(shear))):.1f} degrees). "
-            f"Re-export the series with tilt correction (scanner console or dcm2niix) first.",
-        )
-    assert first is not None
-    return first, median
-
-
-# ----------------------------------------------------------------------------- values
-def _undo_unsigned_offset(
-    image: "sitk.Image", *, name: str, modality: Optional[str] = None, reporter: Optional["ProgressReporter"] = None
-) -> "sitk.Image":
-    """Shift unsigned CT stored without a rescale intercept to HU (value - 1024), with a warning; else return ``image``.
-
-    Recognised when the pixel type is uint16/uint32, the DICOM modality (if any) is CT, and the
-    histogram has both air (stored 0..224, i.e. <= -800 HU) and soft tissue (stored 824..1324,
-    -200..+300 HU), each in at least 2 % of the voxels. Unsigned images without that pattern
-    are left alone (and get ``input_not_ct`` from :func:`validate_ct`).
-    """
-    import SimpleITK as sitk
-
-    if image.GetPixelID() not in (sitk.sitkUInt16, sitk.sitkUInt32) or modality not in (None, "CT"):
-        return image
-    values = sitk.GetArrayViewFromImage(image)
-    sample = values.reshape(-1)[:: max(1, values.size // 2_000_000)]
-    air = np.count_nonzero(sample <= UNSIGNED_CT_OFFSET - 800)
-    soft_tissue = np.count_nonzero((sample >= UNSIGNED_CT_OFFSET - 200) & (sample <= UNSIGNED_CT_OFFSET + 300))
-    if air < 0.02 * sample.size or soft_tissue < 0.02 * sample.size:
-        return image
-    high = int(values.max())
-    shifted = sitk.Cast(image, sitk.sitkInt16 if high - UNSIGNED_CT_OFFSET <= np.iinfo(np.int16).max else sitk.sitkInt32) - UNSIGNED_CT_OFFSET
-    if reporter is not None:
-        reporter.warning(
-            "input_unsigned_ct",
-            f"{name}: unsigned values {int(values.min())}..{high} with no rescale intercept look like CT stored with an offset of "
-            f"{UNSIGNED_CT_OFFSET}; using HU = value - {UNSIGNED_CT_OFFSET}. If this is not a CT the result is meaningless; "
-            f"re-export the CT in Hounsfield units to silence this warning.",
-        )
-    return shifted
-
-
-def validate_ct(
-    image: "sitk.Image", *, name: str = "input", reporter: Optional["ProgressReporter"] = None, modality: Optional[str] = None
-) -> None:
-    """Check dimension, components, geometry and values; warn when the image does not look like CT.
-
-    ``modality`` is the DICOM modality tag when known; anything but ``"CT"`` gets the warning.
-    """
-    import SimpleITK as sitk
-
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise SegmentationError(
-            "input_not_scalar", f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector). Pass a greyscale CT."
-        )
-    if image.GetDimension() != 3:
-        raise SegmentationError("input_not_3d", f"{name} is {image.GetDimension()}D; a 3D CT volume is needed.")
-    size = image.GetSize()
-    if min(size) == 0:
-        raise SegmentationError("input_empty", f"{name} has no voxels (size {size}).")
-    if min(size) < 2:
-        raise SegmentationError("input_not_3d", f"{name} is a single slice (size {size}); a 3D CT with several slices is needed.")
-    check_geometry(name, image.GetSpacing(), image.GetDirection())
-    # numpy's min/max: 20x faster than StatisticsImageFilter on a full CT; a NaN anywhere makes both NaN
-    values = sitk.GetArrayViewFromImage(image)
-    low, high = float(values.min()), float(values.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise SegmentationError("input_nonfinite", f"{name} contains NaN or infinite values; the file is damaged. Re-export the CT.")
-    if low == high:
-        raise SegmentationError("input_empty", f"{name} is constant (every voxel is {low:g}); it holds no CT data.")
-    if reporter is None:
-        return
-    if modality not in (None, "CT"):
-        reporter.warning("input_not_ct", f"{name}: the DICOM modality is {modality}, not CT. Results on non-CT images are not meaningful.")
-    elif low > -200 or high < 100:
-        reporter.warning(
-            "input_not_ct",
-            f"{name}: intensities {low:g}..{high:g} do not look like CT Hounsfield units (air is about -1000). "
-            f"Results on non-CT images are not meaningful.",
-        )
 
 
 # ----------------------------------------------------------------------------- writing

@@ -16,9 +16,8 @@ so a surface written here looks like the one Slicer shows for the same segment:
    always point out of the structure; then consistently oriented point normals.
 
 Everything is in physical LPS millimetres (ITK/SimpleITK convention).
-:func:`write_stl` writes binary STL whose 80-byte header names the space and unit,
-for example ``SpineContextSeg SPACE=LPS UNITS=mm``; ``space="RAS"`` negates x and y,
-as Slicer's exporter does with ``lps=False``.
+:func:`mesh_labelmap_to_stl` writes the surfaces as STL files with
+:func:`SpineContextSegLib.io.stl.write_stl` (LPS, or RAS as Slicer's exporter writes with ``lps=False``).
 
 VTK is imported inside the functions so that importing this module stays cheap.
 """
@@ -26,13 +25,13 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from SpineContextSegLib.errors import SegmentationError
-from SpineContextSegLib.io.files import atomic_output, check_output_location
+from SpineContextSegLib.io.files import check_output_location
+from SpineContextSegLib.io.stl import STL_SPACES, polydata_from_arrays, surface_points, surface_triangles, write_stl
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import SimpleITK as sitk
@@ -41,9 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 #: Contouring algorithms; the names match Slicer's "Conversion method" 0 and 1.
 MESH_METHODS = ("flying_edges", "surface_nets")
 
-#: Output coordinate systems for STL files.
-STL_SPACES = ("LPS", "RAS")
-
 # Zero voxels kept around the label's bounding box: one closes surfaces at the volume
 # border (Slicer pads by one), the second keeps the contour away from the crop edge.
 _CROP_MARGIN_VOXELS = 2
@@ -51,8 +47,6 @@ _CROP_MARGIN_VOXELS = 2
 # Enclosed volume, in voxels, under which a closed part is taken as collapsed by smoothing.
 # Unsmoothed, the smallest part (one voxel, or a one-voxel cavity) encloses 1/6 voxel.
 _COLLAPSED_VOLUME_VOXELS = 0.05
-
-_STL_RECORD = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,8 +301,8 @@ def _drop_collapsed_parts(surface) -> "vtkPolyData":
     it encloses, not by exact coincidence, which depends on rounding. Works in index
     space, so volumes are in voxels.
     """
-    triangles = _triangles(surface)
-    points = _points(surface)
+    triangles = surface_triangles(surface)
+    points = surface_points(surface)
     if len(triangles) == 0:
         return surface
     from scipy.sparse import coo_matrix
@@ -327,26 +321,7 @@ def _drop_collapsed_parts(surface) -> "vtkPolyData":
     keep = np.abs(part_volumes[part_of_triangle]) >= _COLLAPSED_VOLUME_VOXELS
     if keep.all() or not keep.any():
         return surface  # when everything collapsed (a mask of thin strands), a flat surface beats none
-    return _polydata_from_arrays(points, triangles[keep])
-
-
-def _polydata_from_arrays(points: np.ndarray, triangles: np.ndarray) -> "vtkPolyData":
-    """vtkPolyData from (n, 3) points and (m, 3) triangle point ids; unused points are dropped."""
-    from vtkmodules.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray
-    from vtkmodules.vtkCommonCore import vtkPoints
-    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
-
-    used, compact_ids = np.unique(np.asarray(triangles).ravel(), return_inverse=True)
-    triangles = compact_ids.reshape(-1, 3)
-    vtk_points = vtkPoints()
-    vtk_points.SetData(numpy_to_vtk(np.ascontiguousarray(points[used], dtype=np.float32), deep=True))
-    cells = vtkCellArray()
-    offsets = np.arange(0, triangles.size + 1, 3, dtype=np.int64)
-    cells.SetData(numpy_to_vtkIdTypeArray(offsets, deep=True), numpy_to_vtkIdTypeArray(triangles.ravel().astype(np.int64), deep=True))
-    polydata = vtkPolyData()
-    polydata.SetPoints(vtk_points)
-    polydata.SetPolys(cells)
-    return polydata
+    return polydata_from_arrays(points, triangles[keep])
 
 
 def _transform(surface, index_to_physical: np.ndarray) -> "vtkPolyData":
@@ -386,152 +361,6 @@ def _normals(surface) -> "vtkPolyData":
     normals.ComputeCellNormalsOff()
     normals.Update()
     return normals.GetOutput()
-
-
-# ---------------------------------------------------------------------------------------
-# Checks and STL I/O
-# ---------------------------------------------------------------------------------------
-
-
-def _triangles(polydata) -> np.ndarray:
-    """(n, 3) point ids of the surface's triangles (polygons and strips are triangulated)."""
-    from vtkmodules.util.numpy_support import vtk_to_numpy
-
-    polys = polydata.GetPolys()
-    if polydata.GetNumberOfPolys() == 0 and polydata.GetNumberOfStrips() == 0:
-        return np.zeros((0, 3), dtype=np.int64)
-    offsets = vtk_to_numpy(polys.GetOffsetsArray())
-    if polydata.GetNumberOfStrips() == 0 and np.all(np.diff(offsets) == 3):
-        return vtk_to_numpy(polys.GetConnectivityArray()).reshape(-1, 3).astype(np.int64)
-    from vtkmodules.vtkFiltersCore import vtkTriangleFilter
-
-    triangulate = vtkTriangleFilter()
-    triangulate.SetInputData(polydata)
-    triangulate.PassVertsOff()
-    triangulate.PassLinesOff()
-    triangulate.Update()
-    return _triangles(triangulate.GetOutput())
-
-
-def _points(polydata) -> np.ndarray:
-    from vtkmodules.util.numpy_support import vtk_to_numpy
-
-    if polydata.GetNumberOfPoints() == 0:
-        return np.zeros((0, 3), dtype=np.float64)
-    return vtk_to_numpy(polydata.GetPoints().GetData()).astype(np.float64)
-
-
-def is_watertight(polydata: "vtkPolyData") -> bool:
-    """True when the surface is closed: every edge is shared by exactly two triangles.
-
-    Points are compared by id, so a surface read from STL must have its duplicate
-    vertices merged first (:func:`read_stl` does). An empty surface is not watertight.
-    """
-    triangles = _triangles(polydata)
-    if len(triangles) == 0:
-        return False
-    edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
-    edges.sort(axis=1)
-    _, counts = np.unique(edges, axis=0, return_counts=True)
-    return bool(np.all(counts == 2))
-
-
-def _stl_header(space: str) -> bytes:
-    # Must not start with "solid", or readers take a binary file for ASCII.
-    return f"SpineContextSeg SPACE={space} UNITS=mm".encode("ascii").ljust(80, b" ")
-
-
-def write_stl(polydata: "vtkPolyData", path: str, *, space: str = "LPS", binary: bool = True) -> str:
-    """Write a triangulated surface in LPS mm as an STL file, atomically.
-
-    Parameters
-    ----------
-    polydata : vtkPolyData
-        Surface in physical LPS millimetres (as from :func:`labelmap_to_surface`).
-        Non-triangle polygons and strips are triangulated; vertices and lines are dropped.
-    path : str
-        Target file, normally ``*.stl``.
-    space : {"LPS", "RAS"}
-        Coordinates in the file. ``"RAS"`` negates x and y (a rotation, so the
-        triangle winding and outward normals are kept).
-    binary : bool
-        Binary STL (80-byte header ``SpineContextSeg SPACE=<space> UNITS=mm``, little
-        endian float32) or ASCII STL (the same text after ``solid``).
-
-    Returns
-    -------
-    str
-        The absolute path written.
-    """
-    if space not in STL_SPACES:
-        raise ValueError(f"space must be one of {STL_SPACES}, got {space!r}")
-    triangles = _triangles(polydata)
-    points = _points(polydata)
-    if space == "RAS":
-        points = points * np.array([-1.0, -1.0, 1.0])
-    corners = points[triangles]  # (n, 3 vertices, 3 coordinates)
-    facet_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
-    lengths = np.linalg.norm(facet_normals, axis=1, keepdims=True)
-    facet_normals = np.divide(facet_normals, lengths, out=np.zeros_like(facet_normals), where=lengths > 0)
-
-    path = os.path.abspath(path)
-    with atomic_output(path) as temp_path:
-        if binary:
-            records = np.zeros(len(triangles), dtype=_STL_RECORD)
-            records["normal"] = facet_normals
-            records["vertices"] = corners
-            with open(temp_path, "wb") as stream:
-                stream.write(_stl_header(space))
-                stream.write(struct.pack("<I", len(triangles)))
-                stream.write(records.tobytes())
-        else:
-            with open(temp_path, "w", encoding="ascii", newline="\n") as stream:
-                name = f"SpineContextSeg SPACE={space} UNITS=mm"
-                stream.write(f"solid {name}\n")
-                for normal, (a, b, c) in zip(facet_normals, corners):
-                    stream.write(
-                        f"facet normal {normal[0]:e} {normal[1]:e} {normal[2]:e}\n outer loop\n"
-                        f"  vertex {a[0]:e} {a[1]:e} {a[2]:e}\n  vertex {b[0]:e} {b[1]:e} {b[2]:e}\n"
-                        f"  vertex {c[0]:e} {c[1]:e} {c[2]:e}\n endloop\nendfacet\n"
-                    )
-                stream.write(f"endsolid {name}\n")
-    return path
-
-
-def read_stl_header(path: str) -> str:
-    """The 80-byte header of a binary STL (or the first line of an ASCII one), stripped."""
-    with open(path, "rb") as stream:
-        head = stream.read(84)
-    if _is_binary_stl(path, head):
-        return head[:80].rstrip(b" \0").decode("ascii", errors="replace")
-    return head.split(b"\n", 1)[0].strip().decode("ascii", errors="replace")
-
-
-def _is_binary_stl(path: str, head: bytes) -> bool:
-    if len(head) < 84:
-        return False
-    (count,) = struct.unpack("<I", head[80:84])
-    return os.path.getsize(path) == 84 + count * _STL_RECORD.itemsize
-
-
-def read_stl(path: str) -> "vtkPolyData":
-    """Read a binary or ASCII STL into a vtkPolyData with duplicate vertices merged.
-
-    Vertices with identical coordinates become one point, so :func:`is_watertight`
-    can be applied to the result. Coordinates are returned as stored (the header says
-    whether they are LPS or RAS).
-    """
-    with open(path, "rb") as stream:
-        head = stream.read(84)
-    if _is_binary_stl(path, head):
-        records = np.fromfile(path, dtype=_STL_RECORD, offset=84)
-        corners = records["vertices"].reshape(-1, 3)
-    else:
-        with open(path, "r", encoding="ascii", errors="replace") as stream:
-            numbers = [line.split()[1:4] for line in stream if line.lstrip().startswith("vertex")]
-        corners = np.asarray(numbers, dtype=np.float32).reshape(-1, 3)
-    unique_points, point_ids = np.unique(corners, axis=0, return_inverse=True)
-    return _polydata_from_arrays(unique_points, point_ids.reshape(-1, 3))
 
 
 # ---------------------------------------------------------------------------------------
@@ -580,7 +409,7 @@ def mesh_labelmap_to_stl(
         One file per label instead of one surface of all selected labels together
         (neighbouring labels that touch then merge into one surface).
     space, smoothing, decimation, method
-        As in :func:`write_stl` and :func:`labelmap_to_surface`.
+        As in :func:`~SpineContextSegLib.io.stl.write_stl` and :func:`labelmap_to_surface`.
     on_progress : callable, optional
         Called as ``on_progress(done, total)`` after each file; it may raise
         (e.g. :class:`~SpineContextSegLib.errors.Cancelled`) to stop.

@@ -52,7 +52,7 @@ def resolve_cases(paths: Sequence[str]) -> List[Tuple[str, str]]:
     folder stands for its case sub-folders (e.g. ``../shared/data/real``). A file is named by
     its stem (``CTChest4.nii.gz`` -> ``CTChest4``), or by its folder when the stem is ``ct``.
     """
-    from SpineContextSegLib.io.images import dicom_series_ids
+    from SpineContextSegLib.io.dicom import dicom_series_ids
 
     cases: List[Tuple[str, str]] = []
 
@@ -140,7 +140,7 @@ def calibration_tiles(
     for the card (case names, phantom seeds, tile count and size).
     """
     from SpineContextSegLib.io.images import read_image
-    from SpineContextSegLib.phantoms.phantom import generate_phantom
+    from SpineContextSegLib.phantoms.generator import generate_phantom
 
     patch_size = [int(p) for p in card.patch_size]
     tiles: List[np.ndarray] = []
@@ -377,7 +377,7 @@ def quantize_model(
     calibration_cases = resolve_cases(calibration)
     agreement_cases = resolve_cases(agreement) if agreement else list(calibration_cases)
     if not agreement_cases:
-        from SpineContextSegLib.phantoms.phantom import generate_phantom
+        from SpineContextSegLib.phantoms.generator import generate_phantom
         import tempfile
         import SimpleITK as sitk
 

@@ -275,7 +275,18 @@ def find_ribs(ct_hu: np.ndarray, instances: np.ndarray, line: Centreline, spacin
     run = reach - innermost
     touching_column = contact <= RIB_CONTACT_MM + float(spacing.max())
     long_enough = (run >= RIB_MIN_RUN_MM) | (cut & (run >= RIB_MIN_CUT_RUN_MM) & (volume >= RIB_MIN_CUT_ML))
-    keep = (volume <= RIB_MAX_ML) & touching_column & long_enough
+    # cut above: the next voxel up is outside the scan or the crop. Ribs run down and out from
+    # their heads, so such a piece may be the shaft of a rib whose head (and vertebra) lies above
+    # the scan, beside a lower vertebra: its level says nothing (a slab cut through L1 showed
+    # T12's rib beside L1, and every name slipped by one)
+    above = z + 1
+    outside_above = above >= depth
+    if field_of_view is not None:
+        ok = ~outside_above
+        outside_above[ok] = ~np.asarray(field_of_view, dtype=bool)[above[ok], y[ok] + y_lo, x[ok] + x_lo]
+    cut_above = np.zeros(count + 1, dtype=bool)
+    np.logical_or.at(cut_above, labels, outside_above)
+    keep = (volume <= RIB_MAX_ML) & touching_column & long_enough & ~cut_above
     keep[0] = False
     # a piece too large for a rib that runs from the column outward: ribs joined by a bone lying
     # on them (a scapula close to the spine): its parts within RIB_NECK_MM of the column, each no

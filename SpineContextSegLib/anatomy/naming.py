@@ -48,7 +48,9 @@ END_BONE_ML = 2.0
 def rib_evidence(geometry: Sequence[VertebraGeometry], scan: RibScan, line: Centreline) -> Tuple[List[Dict[str, object]], List[Dict[str, object]]]:
     """Ribs of :func:`find_ribs` given to the segments they belong to, the rest to the gaps between them.
 
-    A rib belongs to the segment its inner end touches (:attr:`Rib.segment`). One that touches
+    A rib belongs to the segment its inner end touches (:attr:`Rib.segment`) if it also lies
+    level with it (the same widened arc range as below); touching one segment and lying level
+    with another, it counts nowhere. One that touches
     none but lies level with a segment's body (arc range, widened by a quarter of its length,
     at least 3 mm) is a lower rib passing by that segment and counts nowhere (without segment
     contacts, with a bare mask, it belongs to the segment with the nearer centre); one beside
@@ -77,6 +79,14 @@ def rib_evidence(geometry: Sequence[VertebraGeometry], scan: RibScan, line: Cent
     for rib in scan.ribs:
         best = None
         if 0 < rib.segment <= count and np.isfinite(centres[rib.segment - 1]):
+            touched = geometry[rib.segment - 1]
+            # level with it: within its arc range widened by a body radius (its neck may lie at
+            # the disc above; a vertebra in pieces leaves short segments)
+            reach = max(3.0, float(line.radius_at_arc(rib.arc_mm)))
+            if not touched.arc_low_mm - reach <= rib.arc_mm <= touched.arc_high_mm + reach:
+                # touches one segment but lies level with another: which vertebra it belongs to
+                # is unknown (a transverse process tip beside L1 touched a fragment 30 mm above)
+                continue
             best = rib.segment - 1  # it touches that segment
         for index, g in enumerate(geometry if best is None else ()):
             if not np.isfinite(centres[index]):

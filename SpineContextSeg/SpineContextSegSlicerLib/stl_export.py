@@ -1,20 +1,9 @@
-"""STL export of a segmentation: the default folder, and the files for all segments or a vertebra subset."""
+"""STL export of a segmentation: the files for all segments or a vertebra subset (the default folder: parameters.py)."""
 from __future__ import annotations
 
-import os
 from typing import List
 
-import slicer
-
 from . import mrml_io
-
-
-def defaultExportDirectory() -> str:
-    try:
-        base = slicer.app.defaultScenePath
-    except AttributeError:
-        base = ""
-    return os.path.join(base or os.path.expanduser("~"), "SpineContextSeg")
 
 
 def exportStl(

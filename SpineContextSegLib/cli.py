@@ -48,6 +48,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores but one)")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
+    parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's; for comparisons)")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     parser.add_argument("--no-crop", action="store_true", help="run the network on the whole field of view, not only the body")
     parser.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
@@ -58,10 +59,12 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options_from_args(args: argparse.Namespace):
-    from SpineContextSegLib.inference.pipeline import SegmentOptions
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem
 
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         _usage(f"--overlap must be in [0, 1), got {args.overlap}")
+    if grid_spacing_problem(args.spacing_mm):
+        _usage(f"--spacing-mm: {grid_spacing_problem(args.spacing_mm)}")
     if not (math.isfinite(args.roi_margin_mm) and args.roi_margin_mm >= 0.0):
         _usage(f"--roi-margin-mm must be a number >= 0 (mm), got {args.roi_margin_mm}")
     return SegmentOptions(
@@ -71,6 +74,7 @@ def _options_from_args(args: argparse.Namespace):
         threads=args.threads,
         precision=args.precision,
         overlap=args.overlap,
+        spacing_mm=args.spacing_mm,
         batch_size=max(1, args.batch_size),
         threshold=args.threshold,
         crop_to_body=not args.no_crop,

@@ -24,18 +24,21 @@ def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_m
 
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(make_ct_image(size=(40, 36, 30)), str(ct))
-    status = main(["bench", "--cases", str(ct), "--variants", "reference,reference-model-tile,default,onnxruntime-fp32", "--model", tiny_model_dir,
+    status = main(["bench", "--cases", str(ct), "--variants", "reference,reference-model-tile,default,default-2mm,onnxruntime-fp32", "--model", tiny_model_dir,
                    "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "bench.md")])
     assert status == 0
     table = (tmp_path / "bench.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ct.nii.gz")]
-    assert [row.split("|")[2].strip() for row in rows] == ["reference", "reference-model-tile", "default", "onnxruntime-fp32"]
+    assert [row.split("|")[2].strip() for row in rows] == ["reference", "reference-model-tile", "default", "default-2mm", "onnxruntime-fp32"]
+    assert table.splitlines()[0].rstrip(" |").endswith("Dice vs default-2mm")  # 1.1.0's default is the baseline
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[9]) > 0  # total seconds
         assert cells[11].endswith("x")  # speed-up vs reference
         # the tiny model calls everything foreground, so every variant agrees with the reference
         assert float(cells[13]) > 0.95 and float(cells[15]) > 0.95  # vs the reference, and vs it at the model's tile
+        assert float(cells[16]) > 0.95  # vs the baseline
+    assert float([c.strip() for c in rows[3].strip("|").split("|")][16]) == 1.0  # the baseline against itself
     assert [c.strip() for c in rows[0].strip("|").split("|")][12] == "-"  # no 1 mm reference in this run
 
 
@@ -84,3 +87,34 @@ def test_bench_refuses_a_vertebrae_model_instead_of_reading_its_background_chann
     assert status != 0
     assert "[model_incompatible]" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # refused before anything ran
+
+
+def test_bench_refuses_an_unknown_baseline_with_the_variants_it_knows(tmp_path, tiny_model_dir, capsys):
+    from SpineContextSegLib.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--variants", "default", "--baseline", "default-3mm", "--model", tiny_model_dir, "--work-dir", str(tmp_path)])
+    assert exit_info.value.code == 2  # a usage error, before any variant runs
+    assert not os.listdir(tmp_path)
+    error = capsys.readouterr().err
+    assert "default-3mm" in error and "default-2mm" in error
+
+
+def test_avx2_variants_cap_the_child_kernels_and_the_others_do_not(tmp_path, monkeypatch):
+    # the emulated laptop CPU: only the child's environment changes, never this process's
+    import subprocess
+
+    from SpineContextSegLib.evaluation import bench
+
+    seen = {}
+
+    def fake_run(command, capture_output, text, env):
+        seen[command[4]] = env.get("ONEDNN_MAX_CPU_ISA")
+        return subprocess.CompletedProcess(command, 0, stdout='{"variant": "x"}\n', stderr="")
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    for variant in ("openvino-int8-avx2", "openvino-int8", "default"):
+        bench._child(variant, "in.nii.gz", str(tmp_path / "out.nii.gz"), None, None)
+    assert seen == {"openvino-int8-avx2": "AVX2", "openvino-int8": None, "default": None}
+    assert "ONEDNN_MAX_CPU_ISA" not in os.environ

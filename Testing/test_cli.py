@@ -145,10 +145,11 @@ def test_segment_called_in_process_restores_the_callers_signal_handlers(tmp_path
         pass
 
     previous = signal.signal(signal.SIGTERM, callers_handler)
+    callers_interrupt = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest itself runs in the background
     try:
         assert cli.main(["segment", SAMPLE_CT, "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, "--progress", "none"]) == 0
         assert signal.getsignal(signal.SIGTERM) is callers_handler
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is callers_interrupt
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -191,3 +192,16 @@ def test_bad_usage_exits_2():
     completed = run_cli("segment", "-o", "x.nii.gz")
     assert completed.returncode == 2
     assert "Traceback" not in completed.stderr
+
+
+def test_a_grid_spacing_outside_what_a_network_can_run_on_is_a_usage_error(tmp_path, tiny_model_dir):
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(), str(ct))
+    for value in ("0.1", "nan", "-2"):
+        completed = run_cli("segment", str(ct), "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, "--spacing-mm", value)
+        assert completed.returncode == 2 and "--spacing-mm" in completed.stderr and "Traceback" not in completed.stderr
+    assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz"]
+    completed = run_cli("segment", str(ct), "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, "--spacing-mm", "4", "--progress", "json")
+    assert completed.returncode == 0
+    result = [line for line in json_lines(completed.stdout) if line.get("type") == "result"][0]
+    assert result["info"]["spacing_mm"] == [4.0, 4.0, 4.0]

@@ -49,6 +49,19 @@ def test_input_image_is_not_modified(bundle):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), before)
 
 
+def test_spacing_override_runs_the_network_on_that_grid_and_the_mask_still_has_the_input_grid(bundle):
+    image = make_ct_image(size=(40, 36, 30), spacing=(1.6, 1.6, 3.0))
+    card_grid = segment_image(image, SegmentOptions(min_spine_ml=0.5), bundle=bundle, engine=BoneThresholdEngine())
+    coarse = segment_image(image, SegmentOptions(min_spine_ml=0.5, spacing_mm=3.2), bundle=bundle, engine=BoneThresholdEngine())
+    assert coarse.info["spacing_mm"] == [3.2] * 3 and card_grid.info["spacing_mm"] == list(bundle.card.spacing_mm)
+    # 64 x 57.6 x 90 mm on a 3.2 mm grid covered whole: 20 x 18 x ceil(28.1) voxels (x, y, z -> z, y, x)
+    assert coarse.info["canonical_shape_zyx"] == [29, 18, 20]
+    assert coarse.mask.GetSize() == image.GetSize() and coarse.mask.GetSpacing() == image.GetSpacing()
+    m = sitk.GetArrayFromImage(coarse.mask).astype(bool)
+    bone = sitk.GetArrayFromImage(image) > 250
+    assert 2 * (m & bone).sum() / (m.sum() + bone.sum()) > 0.8
+
+
 def test_body_crop_runs_fewer_tiles_than_the_whole_field_of_view(bundle):
     image = make_ct_image(size=(96, 96, 40), spacing=(2.0, 2.0, 2.0))
     arr = sitk.GetArrayFromImage(image)

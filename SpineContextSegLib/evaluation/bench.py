@@ -13,7 +13,10 @@ Variants (each run in its own child process so its peak RSS is its own):
                the mask our speed levers (overlap, tile placement, crop, engine) should reproduce
                when the model was trained on another patch than the paper's.
 ``default``    exactly what ``spinecontextseg segment`` does.
-others         engines/precisions/tilings worth showing (see ``VARIANTS``).
+``default-2mm``  the same on a 2 mm grid: model 1.1.0's default (1.1.1 runs 1.1.0's weights at
+               1.8 mm); ``--baseline`` (default: this one) adds a Dice column against it.
+others         engines/precisions/tilings worth showing (see ``VARIANTS``); ``*-avx2`` run OpenVINO
+               with its kernels capped at AVX2: a CPU without AVX-512, VNNI or bf16, emulated.
 
 Every variant runs read -> mask -> STL. The table reports wall time per stage, total, peak RSS,
 speed-up against the reference, Dice against the reference mask and, where a case has labels,
@@ -31,7 +34,7 @@ import time
 from typing import Dict, List, Optional
 
 from SpineContextSegLib import PACKAGE_DIR
-from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.errors import SegmentationError, UsageError
 
 STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "write", "mesh")
 
@@ -41,16 +44,27 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "reference-1mm": {},
     "reference-model-tile": {},
     "default": {},
+    "default-2mm": {"spacing_mm": 2.0},
     "onnxruntime-fp32": {"engine": "onnxruntime", "precision": "fp32"},
     "openvino-fp32": {"engine": "openvino", "precision": "fp32"},
     "openvino-bf16": {"engine": "openvino", "precision": "bf16"},
     # the model folder's model_int8.onnx (`spinecontextseg quantize`)
     "openvino-int8": {"engine": "openvino", "precision": "int8"},
     "onnxruntime-int8": {"engine": "onnxruntime", "precision": "int8"},
+    # a laptop CPU without AVX-512, VNNI or bf16, emulated (see VARIANT_ENVIRONMENT)
+    "openvino-fp32-avx2": {"engine": "openvino", "precision": "fp32"},
+    "openvino-int8-avx2": {"engine": "openvino", "precision": "int8"},
     "torch-fp32": {"engine": "torch", "precision": "fp32"},
     "default-overlap0.5": {"overlap": 0.5},
 }
-DEFAULT_VARIANTS = ("reference", "default", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
+#: Environment of a variant's child: oneDNN (OpenVINO's CPU kernels) capped at plain AVX2, as on
+#: a CPU that has no AVX-512, VNNI or bf16. ONNX Runtime's own kernels ignore the cap.
+VARIANT_ENVIRONMENT: Dict[str, Dict[str, str]] = {
+    "openvino-fp32-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "openvino-int8-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+DEFAULT_VARIANTS = ("reference", "default", "default-2mm", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
+DEFAULT_BASELINE = "default-2mm"
 REFERENCE_PATCH = (64, 128, 128)
 REFERENCE_OVERLAP = 0.5
 
@@ -185,7 +199,7 @@ def _child(variant: str, input_path: str, output_path: str, model_dir: Optional[
     if threads:
         command += ["--threads", str(threads)]
     root = os.path.dirname(PACKAGE_DIR)
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **VARIANT_ENVIRONMENT.get(variant, {}))
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
@@ -217,7 +231,6 @@ def full_size_phantom(path: str, seed: int = 7) -> str:
 
 
 def dice_between(a_path: str, b_path: str) -> float:
-    import numpy as np
     import SimpleITK as sitk
 
     a = sitk.GetArrayFromImage(sitk.ReadImage(a_path)) > 0
@@ -247,8 +260,9 @@ def ground_truth_dice(mask_path: str, case) -> Optional[float]:
     return float(scores["dice"])
 
 
-def format_table(rows: List[Dict[str, object]]) -> str:
-    header = ["case", "variant"] + [f"{s} s" for s in STAGES] + ["total s", "peak RSS MB", "speed-up vs ref", "vs 1 mm ref", "Dice vs ref", "Dice vs GT", "Dice vs ref at model tile"]
+def format_table(rows: List[Dict[str, object]], baseline: str = DEFAULT_BASELINE) -> str:
+    header = ["case", "variant"] + [f"{s} s" for s in STAGES]
+    header += ["total s", "peak RSS MB", "speed-up vs ref", "vs 1 mm ref", "Dice vs ref", "Dice vs GT", "Dice vs ref at model tile", f"Dice vs {baseline}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "error" in row:
@@ -263,6 +277,7 @@ def format_table(rows: List[Dict[str, object]]) -> str:
         cells += [f"{row['dice_ref']:.4f}" if row.get("dice_ref") is not None else "-"]
         cells += [f"{row['dice_gt']:.3f}" if row.get("dice_gt") is not None else "-"]
         cells += [f"{row['dice_ref_tile']:.4f}" if row.get("dice_ref_tile") is not None else "-"]
+        cells += [f"{row['dice_baseline']:.4f}" if row.get("dice_baseline") is not None else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -271,6 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", nargs="*", default=[], help="CT files, case folders or dataset roots (labels are used for Dice vs GT)")
     parser.add_argument("--full-size", action="store_true", help="add a 512x512x~400 phantom CT (0.78x0.78x1 mm)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--baseline", default=DEFAULT_BASELINE, help=f"variant whose mask the last column compares against (default {DEFAULT_BASELINE}: model 1.1.0's default)"
+    )
     parser.add_argument("--model", help="model folder (default: bundled)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--work-dir", help="keep inputs/outputs here (default: a temp folder)")
@@ -292,9 +310,9 @@ def _collect_cases(paths: List[str]):
 
 def run(args: argparse.Namespace) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants + [args.baseline] if v not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants: {unknown}")
+        raise UsageError(f"unknown variants: {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     from SpineContextSegLib.inference.model_files import load_model
 
     task = load_model(args.model).card.task
@@ -323,12 +341,14 @@ def run(args: argparse.Namespace) -> int:
                 row["dice_ref"] = dice_between(row["output"], done["reference"]["output"])  # type: ignore[arg-type]
             if "reference-model-tile" in done and row["variant"] != "reference-1mm":
                 row["dice_ref_tile"] = dice_between(row["output"], done["reference-model-tile"]["output"])  # type: ignore[arg-type]
+            if args.baseline in done and row["variant"] != "reference-1mm":
+                row["dice_baseline"] = dice_between(row["output"], done[args.baseline]["output"])  # type: ignore[arg-type]
             if "reference-1mm" in done:
                 row["speedup_paper"] = done["reference-1mm"]["timings_s"]["total"] / total  # type: ignore[index]
             if row["variant"] != "reference-1mm":  # 2 mm weights on a 1 mm grid: not a meaningful mask
                 row["dice_gt"] = ground_truth_dice(row["output"], case)  # type: ignore[arg-type]
         rows.extend(case_rows)
-    table = format_table(rows)
+    table = format_table(rows, args.baseline)
     print(table)
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as handle:

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, List, Optional, Sequence
 
-from SpineContextSegLib.errors import EXIT_OK, SegmentationError
+from SpineContextSegLib.errors import EXIT_OK, SegmentationError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -239,6 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "openvino", "torch"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--task", default="spine", choices=("spine", "vertebrae"), help="vertebrae: score vertebra naming (identification rate, Dice per vertebra)")
+    parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's); a lever to measure, not a setting to tune per case")
+    parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's)")
     parser.add_argument("--no-slab", action="store_true", help="score the whole volume, not only the slab between the labelled vertebrae")
     parser.add_argument("--csv", metavar="OUT.csv", help="also write one line per case to this CSV file")
     parser.add_argument("--markdown", metavar="OUT.md", help="also write the table to this Markdown file")
@@ -311,12 +313,21 @@ def run(args: argparse.Namespace) -> int:
         raise SegmentationError("input_not_found", "No labelled cases found in " + ", ".join(args.cases) + ".")
 
     use_slab = not args.no_slab
+    if args.pred_dir and (getattr(args, "threshold", None) is not None or getattr(args, "spacing_mm", None) is not None):
+        raise UsageError("--threshold and --spacing-mm change a model run; with --pred-dir the predictions are read as they are")
     if args.pred_dir:
         predict_for = _prediction_reader(args.pred_dir)
     else:
-        from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
+        from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem, load_model_and_engine, segment_image
 
-        options = SegmentOptions(model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"))
+        threshold, spacing_mm = getattr(args, "threshold", None), getattr(args, "spacing_mm", None)
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise UsageError(f"--threshold must be a probability between 0 and 1, got {threshold}")
+        if grid_spacing_problem(spacing_mm):
+            raise UsageError(f"--spacing-mm: {grid_spacing_problem(spacing_mm)}")
+        options = SegmentOptions(
+            model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"), threshold=threshold, spacing_mm=spacing_mm,
+        )
         bundle, engine = load_model_and_engine(options)  # once, outside the timed predictions
 
         def predict(ct_img: "sitk.Image") -> "sitk.Image":

@@ -36,6 +36,8 @@ class SegmentOptions:
     precision: str = "auto"  # bf16 where the CPU computes it natively (OpenVINO), else fp32
     overlap: Optional[float] = None
     patch_size: Optional[List[int]] = None
+    # isotropic grid the network runs on instead of the card's (comparisons: 1.1.0 ran 1.1.1's weights at 2 mm)
+    spacing_mm: Optional[float] = None
     batch_size: int = 1
     threshold: Optional[float] = None
     crop_to_body: bool = True
@@ -46,6 +48,15 @@ class SegmentOptions:
     cancel_file: Optional[str] = None
     task: str = "spine"  # "vertebrae": split the spine mask into named vertebrae (VerSe ids)
     series_uid: Optional[str] = None  # DICOM SeriesInstanceUID when a folder holds several series
+
+
+def grid_spacing_problem(spacing_mm: Optional[float]) -> Optional[str]:
+    """Why ``spacing_mm`` cannot be :attr:`SegmentOptions.spacing_mm` (``None`` when it can)."""
+    import math
+
+    if spacing_mm is None or (math.isfinite(spacing_mm) and 0.3 <= spacing_mm <= 6.0):
+        return None
+    return f"the network's grid spacing must be between 0.3 and 6 mm, got {spacing_mm}"
 
 
 @dataclasses.dataclass
@@ -136,8 +147,9 @@ def segment_image(
         raise SegmentationError("model_incompatible", f"Unknown task {options.task!r}; choose spine or vertebrae.")
 
     stop()
-    check_segmentation_memory(image, card.spacing_mm, output_channels=card.out_channels)  # refuse before resampling, never be killed by the OS
-    canonical = timer.run("preprocess", to_canonical, image, card.spacing_mm, method="linear")
+    grid_spacing_mm = [float(options.spacing_mm)] * 3 if options.spacing_mm else list(card.spacing_mm)
+    check_segmentation_memory(image, grid_spacing_mm, output_channels=card.out_channels)  # refuse before resampling, never be killed by the OS
+    canonical = timer.run("preprocess", to_canonical, image, grid_spacing_mm, method="linear")
     hu = sitk.GetArrayViewFromImage(canonical)
     box = body_bounding_box(hu) if options.crop_to_body else tuple(slice(0, n) for n in hu.shape)
     network_input = hu_to_unit_interval(hu[box], tuple(card.hu_window))[np.newaxis]
@@ -205,6 +217,7 @@ def segment_image(
         "engine": engine.describe(),
         "model": f"{card.name} {card.version}",
         "trained": card.trained,
+        "spacing_mm": grid_spacing_mm,
         "canonical_shape_zyx": list(hu.shape),
         "network_box_zyx": [[s.start, s.stop] for s in box],
         "patch_size": patch_size,

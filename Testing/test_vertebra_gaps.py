@@ -200,3 +200,21 @@ def test_the_cranio_caudal_spacing_follows_the_head_foot_axis_not_the_last_index
     assert cranio_caudal_spacing_mm(image) == 0.7  # axial slices
     image.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))  # sagittal slabs: the index axes run P, I, L
     assert cranio_caudal_spacing_mm(image) == 0.8
+
+
+def test_a_chest_whose_ribs_are_not_found_is_kept_thoracic_by_its_lungs(chest, monkeypatch):
+    # every rib erased from the CT (soft tissue instead): the column's only thoracic evidence is
+    # the lung beside it; without the lung test the same scan was named from C1 down
+    from SpineContextSegLib.phantoms.canvas import TISSUE_CODES
+
+    ct = sitk.GetArrayFromImage(chest.ct).copy()
+    ct[sitk.GetArrayFromImage(chest.tissue) == TISSUE_CODES["rib"]] = 40
+    ribless = sitk.GetImageFromArray(ct)
+    ribless.CopyInformation(chest.ct)
+    _, info = vertebra_labelling.label_vertebrae(chest.spine_mask, ribless, spacing_mm=WORKING_MM)
+    assert info["names"] == ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12", "L1", "L2"]
+    assert all(e["lung"] for e in info["evidence"][:9])  # T1-T9 lie between the phantom's lungs
+    assert not info["anchored"] and "lungs (thoracic)" in info["method"]  # no anchor: still flagged
+    monkeypatch.setattr(naming, "lungs_beside", lambda ct_hu, geometry, *args, **kwargs: [None] * len(geometry))
+    _, without_lungs = vertebra_labelling.label_vertebrae(chest.spine_mask, ribless, spacing_mm=WORKING_MM)
+    assert without_lungs["names"][0].startswith("C")

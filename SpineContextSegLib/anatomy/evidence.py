@@ -4,7 +4,7 @@ Per segment, its place along the centreline, its size and whether the field of v
 (:func:`vertebra_geometry`); ribs, found in the CT beside the column whether or not the mask
 holds their vertebra (:func:`find_ribs`); bone outside the mask right beyond the ends of the
 column, the sacrum with its alae below and the skull base above (:func:`bone_beyond_column`);
-and a small lowest segment that is a piece of the sacrum the mask took in, not a vertebra
+lung beside each segment (:func:`lungs_beside`: thoracic levels lie between the lungs); and a small lowest segment that is a piece of the sacrum the mask took in, not a vertebra
 (:func:`caudal_fragment`). :mod:`SpineContextSegLib.anatomy.naming` weighs this evidence.
 """
 from __future__ import annotations
@@ -457,6 +457,83 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
         if touched.size:
             result["piece_ml"] = float(sizes[touched].max() * voxel_ml)
     return result
+
+
+#: Lung beside a vertebra: air-like CT (below this HU) in the paravertebral region of
+#: :func:`lungs_beside` ...
+LUNG_AIR_HU = -500.0
+#: ... whose mean lies above this: lung parenchyma averages -700 to -900 HU, air outside the
+#: body and gas in the bowel about -1000.
+LUNG_MEAN_MIN_HU = -960.0
+#: Area (mm^2) of lung on one side of the slice through the body centre that counts as lung
+#: beside the vertebra, and below which the side counts as without lung.
+LUNG_FOUND_MM2, LUNG_ABSENT_MM2 = 400.0, 100.0
+#: The paravertebral region, mm from the body centre: 20-95 mm to either side, from 55 mm in
+#: front to 25 mm behind it (what the labelling's working crop keeps, see
+#: :data:`~SpineContextSegLib.inference.vertebra_labelling.CONTEXT_MARGIN_MM`).
+LUNG_LATERAL_MM, LUNG_ANTERIOR_MM, LUNG_POSTERIOR_MM = (20.0, 95.0), 55.0, 25.0
+
+
+def lungs_beside(ct_hu: np.ndarray, geometry: Sequence[VertebraGeometry], line: Centreline, spacing_mm, field_of_view: Optional[np.ndarray] = None) -> List[Optional[bool]]:
+    """Is there lung beside each segment? Thoracic vertebrae lie between the lungs, the others do not.
+
+    Measured in the axial slice through the segment's body centre (on the centreline), in the
+    paravertebral region (:data:`LUNG_LATERAL_MM` to either side, :data:`LUNG_ANTERIOR_MM` in
+    front, :data:`LUNG_POSTERIOR_MM` behind): per side, the area of CT below
+    :data:`LUNG_AIR_HU`, counted only if its mean HU is above :data:`LUNG_MEAN_MIN_HU` (air
+    outside the body and bowel gas are darker than lung). The evidence does not depend on the
+    mask's outline beyond the centreline, so it survives a mask in pieces.
+
+    Parameters
+    ----------
+    ct_hu : (D, H, W) float, HU, canonical grid (z inferior->superior, y anterior->posterior, x right->left)
+    geometry : list of VertebraGeometry, instance order (top first)
+    line : Centreline
+    spacing_mm : float or (3,) float, (z, y, x) mm
+    field_of_view : (D, H, W) bool, optional
+
+    Returns
+    -------
+    list of bool or None, one per segment
+        True: at least :data:`LUNG_FOUND_MM2` of lung on one side or both (or half of the
+        side's region that the field of view shows, if that is less); False: less than
+        :data:`LUNG_ABSENT_MM2` on every side the scan shows (at least half of that side's region
+        inside the field of view); None: in between, or no side seen.
+    """
+    spacing = _spacing3(spacing_mm)
+    depth, height, width = ct_hu.shape
+    rows = (np.arange(height) + 0.5) * spacing[1]
+    columns = (np.arange(width) + 0.5) * spacing[2]
+    pixel_mm2 = float(spacing[1] * spacing[2])
+    # the whole region had the CT covered it, per side
+    region_mm2 = (LUNG_LATERAL_MM[1] - LUNG_LATERAL_MM[0]) * (LUNG_ANTERIOR_MM + LUNG_POSTERIOR_MM)
+    out: List[Optional[bool]] = []
+    for g in geometry:
+        if not math.isfinite(g.arc_low_mm):
+            out.append(None)
+            continue
+        z, y, x = (float(v) for v in line.at_arc(0.5 * (g.arc_low_mm + g.arc_high_mm)))
+        k = int(round(z / spacing[0]))
+        if not 0 <= k < depth:
+            out.append(None)
+            continue
+        row_in = (rows - y >= -LUNG_ANTERIOR_MM) & (rows - y <= LUNG_POSTERIOR_MM)
+        offset = np.abs(columns - x)
+        column_in = (offset >= LUNG_LATERAL_MM[0]) & (offset <= LUNG_LATERAL_MM[1])
+        hu = ct_hu[k][np.ix_(row_in, column_in)]
+        seen = np.ones(hu.shape, dtype=bool) if field_of_view is None else np.asarray(field_of_view[k], dtype=bool)[np.ix_(row_in, column_in)]
+        sides = []
+        for side in (columns[column_in] < x, columns[column_in] > x):
+            seen_mm2 = float(seen[:, side].sum()) * pixel_mm2
+            air = (hu[:, side] < LUNG_AIR_HU) & seen[:, side]
+            lung_mm2 = float(air.sum()) * pixel_mm2 if air.any() and float(hu[:, side][air].mean()) > LUNG_MEAN_MIN_HU else 0.0
+            # a narrow field of view shows only a strip of the region: most of that strip then
+            if lung_mm2 >= max(min(LUNG_FOUND_MM2, 0.5 * seen_mm2), LUNG_ABSENT_MM2):
+                sides.append(True)
+            elif lung_mm2 < LUNG_ABSENT_MM2 and seen_mm2 >= 0.5 * region_mm2:
+                sides.append(False)
+        out.append(True if True in sides else (False if sides and all(v is False for v in sides) else None))
+    return out
 
 
 #: A lowest segment with less than this share of the column's typical vertebra volume ...

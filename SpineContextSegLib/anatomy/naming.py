@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, body_centreline, centreline_frame
-from SpineContextSegLib.anatomy.evidence import Rib, RibScan, VertebraGeometry, bone_beyond_column, find_ribs, vertebra_geometry
+from SpineContextSegLib.anatomy.evidence import Rib, RibScan, VertebraGeometry, bone_beyond_column, find_ribs, lungs_beside, vertebra_geometry
 from SpineContextSegLib.anatomy.naming_model import (
     ATLAS_AXIS, CHAIN_PRIORS, HEIGHT_SCALE_LOG_SIGMA, HEIGHT_SCALES, _chain_model, _chains, _forward_backward, _log_likelihood_tables, _logsumexp, _path_log_scores, _verse_ids_of,
     network_name_shares,
@@ -195,6 +195,11 @@ def name_vertebrae(
       "the top segment is C1" (C1 has no body, so C1 and C2 usually arrive as one segment,
       split into C1 and C2 after naming; a run may also start with C1 alone, at a lower
       prior, :data:`ATLAS_ALONE_PRIOR`, for a mask that left a gap under the atlas);
+    * lungs (:func:`lungs_beside`, in the CT beside each segment's body): lung found favours
+      T1-T12, strongly T2-T10, against the cervical and lumbar levels
+      (:data:`~SpineContextSegLib.anatomy.naming_model.LUNG_PROBABILITY`; no lung found is not
+      used). It needs no rib to be found, so a chest CT's thoracic column cannot be named
+      cervical or lumbar wholesale;
     * body size (:data:`EXPECTED_BODY_RADIUS_MM`) of every vertebra (less weight where the field
       of view cuts it) and segment length: weak cues that separate cervical, thoracic and lumbar levels;
     * with ``name_votes`` (a vertebrae network, ``train --task vertebrae``): the share of each
@@ -242,7 +247,7 @@ def name_vertebrae(
         ``fragments`` (segments that are further pieces of the vertebra above),
         ``height_scale`` (most likely), ``alternatives`` (the next best namings with their
         probabilities), ``evidence`` (per segment: its ``name`` and ``confidence`` (posterior
-        probability of that name), ribs, body radius, truncated, and with ``name_votes`` the
+        probability of that name), ribs, lung (True, False or None: not seen), body radius, truncated, and with ``name_votes`` the
         network's name and its share), ``ribs`` (every rib :func:`find_ribs` found: side, arc,
         the segment it touches), ``gap_ribs`` (ribs counted in the gaps between segments),
         ``below``/``above`` (bone beyond the column).
@@ -266,6 +271,7 @@ def name_vertebrae(
     ribs, gaps = rib_evidence(geometry, scan, line)
     below = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=True, also_bone=sacral_fragment), caudal=True)
     above = _end_evidence(bone_beyond_column(instances, ct_hu, line, geometry, spacing, field_of_view, caudal=False), caudal=False)
+    lungs = lungs_beside(ct_hu, geometry, line, spacing, field_of_view)
     votes = network_name_shares(instances, name_votes, count) if name_votes is not None else None
     visible = _visible_arc(line, spacing, field_of_view)
     if timings is not None:
@@ -278,7 +284,7 @@ def name_vertebrae(
     runs = []
     for chain_name, chain in _chains().items():
         model = _chain_model(chain_name, chain)
-        tables = _log_likelihood_tables(model, geometry, ribs, gaps, below, above, votes, visible)
+        tables = _log_likelihood_tables(model, geometry, ribs, gaps, below, above, votes, visible, lungs)
         log_z, marginals, paths, _ = _forward_backward(*tables)
         runs.append((chain_name, model, tables, log_z + scale_prior + math.log(CHAIN_PRIORS[chain_name]), marginals, paths))
     total = float(_logsumexp(np.concatenate([run[3] for run in runs]), axis=0))
@@ -358,6 +364,9 @@ def name_vertebrae(
         rib_anchor = True
     if not rib_anchor and rib_bearing and all(8 <= best_names[i - 1] <= 19 or best_names[i - 1] == 28 for i in rib_bearing):
         deciding.append("ribs (thoracic)")
+    with_lung = [name for name, lung in zip(best_names, lungs) if lung]
+    if with_lung and all(8 <= name <= 19 or name == 28 for name in with_lung):
+        deciding.append("lungs (thoracic)")
     if above["skull_found"] and 1 in _verse_ids_of(best_names[0]):
         deciding.append("skull")
     if votes is not None:
@@ -388,7 +397,7 @@ def name_vertebrae(
         "alternatives": [{"names": span(key), "probability": round(p, 3)} for key, p in ranked[1:4]],
         "evidence": [
             {
-                "instance": i + 1, "name": readable([best_names[i]])[0], "confidence": round(float(name_probability[i]), 3), "ribs": [ribs[i]["right"], ribs[i]["left"]],
+                "instance": i + 1, "name": readable([best_names[i]])[0], "confidence": round(float(name_probability[i]), 3), "ribs": [ribs[i]["right"], ribs[i]["left"]], "lung": lungs[i],
                 "body_radius_mm": round(float(g.body_radius_mm), 1), "arc_mm": [round(float(g.arc_low_mm), 1), round(float(g.arc_high_mm), 1)], "truncated": bool(g.truncated), "volume_ml": round(float(g.volume_ml), 1),
             }
             | ({} if votes is None or votes[i].sum() == 0 else {"network": vertebra_by_verse_id(int(np.argmax(votes[i]))).name, "network_share": round(float(votes[i].max()), 2)})

@@ -64,6 +64,25 @@ FRAGMENT_PRIOR = 0.1
 RIB_FALSE_DETECTIONS = 0.05
 
 
+#: P(:func:`~SpineContextSegLib.anatomy.evidence.lungs_beside` finds lung | level): the lungs
+#: reach from about T1 (the apices) to the posterior recesses beside T12-L1. Never 0 or 1: a
+#: flexed neck, emphysema, or gas in the bowel beside L2-L5. Only lung found is evidence: none
+#: beside a lower thoracic vertebra is common (a diaphragm high in expiration, dense dependent
+#: lung bases), and weighing it would tip the names of a lower thoracic run by a level.
+LUNG_PROBABILITY: Dict[int, float] = {7: 0.3, 8: 0.8, 16: 0.95, 17: 0.9, 18: 0.75, 19: 0.5, 28: 0.45, 20: 0.25, 21: 0.1}
+LUNG_PROBABILITY_CERVICAL, LUNG_PROBABILITY_THORACIC, LUNG_PROBABILITY_LUMBAR = 0.02, 0.97, 0.05
+
+
+def _lung_probability(verse_id: int) -> float:
+    if verse_id in LUNG_PROBABILITY:
+        return LUNG_PROBABILITY[verse_id]
+    if verse_id <= 6:
+        return LUNG_PROBABILITY_CERVICAL
+    if verse_id <= 19:
+        return LUNG_PROBABILITY_THORACIC  # T2-T8
+    return LUNG_PROBABILITY_LUMBAR  # L3-L6
+
+
 def _chains() -> Dict[str, Tuple[int, ...]]:
     from SpineContextSegLib.labels import L6_ID, SACRUM_ID, STANDARD_CHAIN, T13_ID
 
@@ -147,6 +166,7 @@ class _ChainModel:
     centre_mm: np.ndarray  # expected body centre, mm caudal of C2's at scale 1
     height_mm: np.ndarray  # expected body (segment) height at scale 1
     rib: np.ndarray  # P(rib found on one side | state)
+    lung: np.ndarray  # P(lung found beside the body | state)
 
 
 def _chain_model(name: str, chain: Sequence[int]) -> _ChainModel:
@@ -176,6 +196,7 @@ def _chain_model(name: str, chain: Sequence[int]) -> _ChainModel:
         np.concatenate([[centre[1]], centre]),
         np.concatenate([[heights[1]], heights]),
         np.array([_rib_probability(2)] + [_rib_probability(v) for v in chain]),
+        np.array([_lung_probability(2)] + [_lung_probability(v) for v in chain]),
     )
 
 
@@ -209,7 +230,7 @@ def _rib_count_log(rib: np.ndarray, found: int) -> np.ndarray:
 
 def _log_likelihood_tables(
     model: _ChainModel, geometry: Sequence[VertebraGeometry], ribs: Sequence[Dict[str, object]], gaps: Sequence[Dict[str, object]], below: Dict[str, object], above: Dict[str, object],
-    votes: Optional[np.ndarray], visible_arc: Tuple[float, float],
+    votes: Optional[np.ndarray], visible_arc: Tuple[float, float], lungs: Optional[Sequence[Optional[bool]]] = None,
 ):
     """Log-likelihood tables of the sequence step for one chain, per scale of :data:`HEIGHT_SCALES`.
 
@@ -241,6 +262,8 @@ def _log_likelihood_tables(
                 emission[i] += np.log(1.0 - model.rib)
         if votes is not None and votes[i].sum() > 0:
             emission[i] += [_network_log_probability(name, votes[i]) for name in names]
+        if lungs is not None and lungs[i]:
+            emission[i] += np.log(model.lung)
     # body size: the patient's scale times the typical radius of the level; the spread is the
     # variation within one spine (people differ in size as a whole: that is the scale's prior)
     expected_radius = np.array([EXPECTED_BODY_RADIUS_MM.get(2 if name == ATLAS_AXIS else name, np.nan) for name in names])

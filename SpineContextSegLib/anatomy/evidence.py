@@ -4,7 +4,8 @@ Per segment, its place along the centreline, its size and whether the field of v
 (:func:`vertebra_geometry`); ribs, found in the CT beside the column whether or not the mask
 holds their vertebra (:func:`find_ribs`); bone outside the mask right beyond the ends of the
 column, the sacrum with its alae below and the skull base above (:func:`bone_beyond_column`);
-lung beside each segment (:func:`lungs_beside`: thoracic levels lie between the lungs); and a small lowest segment that is a piece of the sacrum the mask took in, not a vertebra
+lung beside each segment (:func:`lungs_beside`: thoracic levels lie between the lungs); and a
+small lowest segment that is a piece of the sacrum the mask took in, not a vertebra
 (:func:`caudal_fragment`). :mod:`SpineContextSegLib.anatomy.naming` weighs this evidence.
 """
 from __future__ import annotations

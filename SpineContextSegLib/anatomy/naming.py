@@ -196,7 +196,7 @@ def name_vertebrae(
       split into C1 and C2 after naming; a run may also start with C1 alone, at a lower
       prior, :data:`ATLAS_ALONE_PRIOR`, for a mask that left a gap under the atlas);
     * lungs (:func:`lungs_beside`, in the CT beside each segment's body): lung found favours
-      T1-T12, strongly T2-T10, against the cervical and lumbar levels
+      T1-T12, strongly T2-T9, against the cervical and lumbar levels
       (:data:`~SpineContextSegLib.anatomy.naming_model.LUNG_PROBABILITY`; no lung found is not
       used). It needs no rib to be found, so a chest CT's thoracic column cannot be named
       cervical or lumbar wholesale;
@@ -247,9 +247,9 @@ def name_vertebrae(
         ``fragments`` (segments that are further pieces of the vertebra above),
         ``height_scale`` (most likely), ``alternatives`` (the next best namings with their
         probabilities), ``evidence`` (per segment: its ``name`` and ``confidence`` (posterior
-        probability of that name), ribs, lung (True, False or None: not seen), body radius, truncated, and with ``name_votes`` the
-        network's name and its share), ``ribs`` (every rib :func:`find_ribs` found: side, arc,
-        the segment it touches), ``gap_ribs`` (ribs counted in the gaps between segments),
+        probability of that name), ribs, lung (True, False or None: not seen), body radius,
+        truncated, and with ``name_votes`` the network's name and its share), ``ribs`` (every
+        rib :func:`find_ribs` found: side, arc, the segment it touches), ``gap_ribs`` (ribs counted in the gaps between segments),
         ``below``/``above`` (bone beyond the column).
     """
     import time

@@ -74,6 +74,7 @@ LUNG_PROBABILITY_CERVICAL, LUNG_PROBABILITY_THORACIC, LUNG_PROBABILITY_LUMBAR = 
 
 
 def _lung_probability(verse_id: int) -> float:
+    """P(lung found beside the body | level), from :data:`LUNG_PROBABILITY` and the per-region defaults."""
     if verse_id in LUNG_PROBABILITY:
         return LUNG_PROBABILITY[verse_id]
     if verse_id <= 6:

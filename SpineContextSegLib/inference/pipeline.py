@@ -6,6 +6,7 @@ read -> canonical grid -> body crop -> network (Gaussian sliding window) -> post
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional
@@ -52,8 +53,6 @@ class SegmentOptions:
 
 def grid_spacing_problem(spacing_mm: Optional[float]) -> Optional[str]:
     """Why ``spacing_mm`` cannot be :attr:`SegmentOptions.spacing_mm` (``None`` when it can)."""
-    import math
-
     if spacing_mm is None or (math.isfinite(spacing_mm) and 0.3 <= spacing_mm <= 6.0):
         return None
     return f"the network's grid spacing must be between 0.3 and 6 mm, got {spacing_mm}"

@@ -287,13 +287,15 @@ def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressR
             "vertebrae are not resolved, so vertebrae can be merged or split wrongly and their names are unreliable.",
         )
     # without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
-    # vertebrae network) the names are a guess from vertebra size and spacing, however likely
-    # that guess scores: warn then, and whenever the chosen names are less likely than not
+    # vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs
+    # tell only which stretch is thoracic), however likely that guess scores: warn then, and
+    # whenever the chosen names are less likely than not
     if not vertebra_info.get("anchored", False):
         reporter.warning(
             "vertebra_names_uncertain",
             f"No anatomical anchor (sacrum, last or first rib, skull base) is in view to confirm the vertebra names "
-            f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing. Check them before use.",
+            f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing (lungs and ribs beside the column "
+            "show only which stretch is thoracic) and may be off by a level or more. Check them before use.",
         )
     elif confidence < 0.5:
         reporter.warning(

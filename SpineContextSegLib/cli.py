@@ -63,8 +63,9 @@ def _options_from_args(args: argparse.Namespace):
 
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         _usage(f"--overlap must be in [0, 1), got {args.overlap}")
-    if grid_spacing_problem(args.spacing_mm):
-        _usage(f"--spacing-mm: {grid_spacing_problem(args.spacing_mm)}")
+    spacing_problem = grid_spacing_problem(args.spacing_mm)
+    if spacing_problem:
+        _usage(f"--spacing-mm: {spacing_problem}")
     if not (math.isfinite(args.roi_margin_mm) and args.roi_margin_mm >= 0.0):
         _usage(f"--roi-margin-mm must be a number >= 0 (mm), got {args.roi_margin_mm}")
     return SegmentOptions(

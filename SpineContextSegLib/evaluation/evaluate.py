@@ -323,8 +323,9 @@ def run(args: argparse.Namespace) -> int:
         threshold, spacing_mm = getattr(args, "threshold", None), getattr(args, "spacing_mm", None)
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise UsageError(f"--threshold must be a probability between 0 and 1, got {threshold}")
-        if grid_spacing_problem(spacing_mm):
-            raise UsageError(f"--spacing-mm: {grid_spacing_problem(spacing_mm)}")
+        spacing_problem = grid_spacing_problem(spacing_mm)
+        if spacing_problem:
+            raise UsageError(f"--spacing-mm: {spacing_problem}")
         options = SegmentOptions(
             model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"), threshold=threshold, spacing_mm=spacing_mm,
         )

@@ -533,7 +533,7 @@ def lungs_beside(ct_hu: np.ndarray, geometry: Sequence[VertebraGeometry], line: 
                 sides.append(True)
             elif lung_mm2 < LUNG_ABSENT_MM2 and seen_mm2 >= 0.5 * region_mm2:
                 sides.append(False)
-        out.append(True if True in sides else (False if sides and all(v is False for v in sides) else None))
+        out.append(True if True in sides else (False if sides else None))
     return out
 
 

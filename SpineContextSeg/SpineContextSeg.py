@@ -360,7 +360,8 @@ class SpineContextSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onLogicEvent(self, event) -> None:
         """Progress and results from the logic (always on the GUI thread)."""
         if event.kind == "progress":
-            self.ui.progressBar.value = int(1000 * _helper("worker_events").overall_fraction(event.message))
+            # never backwards: while the tiles follow the spine, the network stage's plan grows
+            self.ui.progressBar.value = max(self.ui.progressBar.value, int(1000 * _helper("worker_events").overall_fraction(event.message)))
             self.ui.progressBar.format = event.describe()  # stage names and numbers: no % placeholders
             self.ui.statusLabel.text = _("Segmenting: {progress}").format(progress=event.describe())
         elif event.kind == "status":

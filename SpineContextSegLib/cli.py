@@ -51,6 +51,9 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's; for comparisons)")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     parser.add_argument("--no-crop", action="store_true", help="run the network on the whole field of view, not only the body")
+    parser.add_argument(
+        "--all-tiles", action="store_true", help="run every tile of the body instead of only the tiles the spine runs through (the same mask, slower; for comparisons)"
+    )
     parser.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     parser.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     parser.add_argument("--cancel-file", help="stop between tiles when this file appears (exit 20, outputs removed)")
@@ -79,6 +82,7 @@ def _options_from_args(args: argparse.Namespace):
         batch_size=max(1, args.batch_size),
         threshold=args.threshold,
         crop_to_body=not args.no_crop,
+        all_tiles=args.all_tiles,
         task=args.task,
         cancel_file=args.cancel_file,
         series_uid=args.series,

@@ -24,21 +24,23 @@ def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_m
 
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(make_ct_image(size=(40, 36, 30)), str(ct))
-    status = main(["bench", "--cases", str(ct), "--variants", "reference,reference-model-tile,default,default-2mm,onnxruntime-fp32", "--model", tiny_model_dir,
+    status = main(["bench", "--cases", str(ct), "--variants", "reference,reference-model-tile,default,default-2mm,default-all-tiles,onnxruntime-fp32", "--model", tiny_model_dir,
                    "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "bench.md")])
     assert status == 0
     table = (tmp_path / "bench.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ct.nii.gz")]
-    assert [row.split("|")[2].strip() for row in rows] == ["reference", "reference-model-tile", "default", "default-2mm", "onnxruntime-fp32"]
-    assert table.splitlines()[0].rstrip(" |").endswith("Dice vs default-2mm")  # 1.1.0's default is the baseline
+    assert [row.split("|")[2].strip() for row in rows] == ["reference", "reference-model-tile", "default", "default-2mm", "default-all-tiles", "onnxruntime-fp32"]
+    # the baselines: 1.1.0's default and every tile run
+    assert table.splitlines()[0].rstrip(" |").endswith("Dice vs default-2mm | Dice vs default-all-tiles")
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[9]) > 0  # total seconds
         assert cells[11].endswith("x")  # speed-up vs reference
         # the tiny model calls everything foreground, so every variant agrees with the reference
         assert float(cells[13]) > 0.95 and float(cells[15]) > 0.95  # vs the reference, and vs it at the model's tile
-        assert float(cells[16]) > 0.95  # vs the baseline
-    assert float([c.strip() for c in rows[3].strip("|").split("|")][16]) == 1.0  # the baseline against itself
+        assert float(cells[16]) > 0.95 and float(cells[17]) > 0.95  # vs the baselines
+    assert float([c.strip() for c in rows[3].strip("|").split("|")][16]) == 1.0  # a baseline against itself
+    assert float([c.strip() for c in rows[4].strip("|").split("|")][17]) == 1.0
     assert [c.strip() for c in rows[0].strip("|").split("|")][12] == "-"  # no 1 mm reference in this run
 
 

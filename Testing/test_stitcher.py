@@ -92,3 +92,65 @@ def test_on_tile_may_raise_to_cancel():
 def test_wrong_prediction_shape_is_reported():
     with pytest.raises(ValueError, match="predict returned shape"):
         sliding_window_inference(np.zeros((1, 16, 16, 16), np.float32), lambda b: b[:, :, :8], (16, 16, 16))
+
+
+def _position_dependent_predict(batch: np.ndarray) -> np.ndarray:
+    """A stand-in network whose answer depends on where in the tile a voxel lies (as a real
+    one's does), so that the blend at a voxel depends on exactly which tiles covered it."""
+    ramp = np.linspace(0.8, 1.2, batch.shape[-1], dtype=np.float32)
+    return batch * ramp
+
+
+def _bent_bar_and_a_blob(shape=(40, 60, 90)):
+    """``(volume (1, D, H, W), bar (D, H, W) bool)``: a bar that starts on the middle plane (x = 45)
+    and leaves it, and a separate blob that the bar never comes near."""
+    bar = np.zeros(shape, bool)
+    for z in range(shape[0]):
+        bar[z, 20:30, 40 + z : 50 + z] = True
+    volume = bar[np.newaxis].astype(np.float32)
+    volume[0, 0:10, 5:10, 80:88] = 1.0
+    return volume, bar
+
+
+def test_following_what_is_found_reproduces_it_exactly_and_skips_the_rest():
+    from scipy import ndimage
+
+    volume, bar = _bent_bar_and_a_blob()
+    patch = (16, 16, 16)
+    full = sliding_window_inference(volume, _position_dependent_predict, patch, overlap=0.25)
+    start = np.zeros(volume.shape[1:], bool)
+    start[:, :, 45] = True
+    progress = []
+    rounds = []
+
+    def found(blended):
+        rounds.append(blended.shape)
+        return blended[0] > 0.5
+
+    followed = sliding_window_inference(
+        volume, _position_dependent_predict, patch, overlap=0.25, start_region=start, grow_region=found, on_tile=lambda d, t: progress.append((d, t))
+    )
+    bar = ndimage.binary_dilation(bar, iterations=1)  # and its edge
+    # where the bar is, the same tiles in another order: equal to float rounding
+    assert np.allclose(followed[0][bar], full[0][bar], rtol=0, atol=1e-6)
+    assert np.all(followed[0, 0:10, 5:10, 80:88] == 0.0)  # the blob's tiles never ran
+    done, planned = progress[-1]
+    assert done == planned < len(tile_grid(volume.shape[1:], patch, 0.25))  # the bar ends full, with fewer tiles
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+    assert len(rounds) >= 2  # the bar leaves the starting tiles: it had to be followed
+    assert all(shape[1:] != volume.shape[1:] for shape in rounds[:1])  # the first round sees only its tiles' box
+
+
+def test_following_runs_every_tile_when_told_to_and_leaves_zeros_where_none_ran():
+    volume, _ = _bent_bar_and_a_blob()
+    patch = (16, 16, 16)
+    full = sliding_window_inference(volume, _position_dependent_predict, patch, overlap=0.25)
+    start = np.zeros(volume.shape[1:], bool)
+    start[:, :, 45] = True
+    everything = sliding_window_inference(volume, _position_dependent_predict, patch, overlap=0.25, start_region=start, grow_region=lambda blended: None)
+    assert np.allclose(everything, full, rtol=0, atol=1e-6)  # None: every tile, the same blend
+
+    nothing_grows = sliding_window_inference(volume, _position_dependent_predict, patch, overlap=0.25, start_region=start, grow_region=lambda blended: np.zeros(blended.shape[1:], bool))
+    assert np.all(nothing_grows[:, :, :, 75:] == 0.0) and nothing_grows[0, 0:5, 20:30, 45].min() > 0.5  # never ran: 0; the start ran
+    with pytest.raises(ValueError, match="shape"):
+        sliding_window_inference(volume, _position_dependent_predict, patch, start_region=start[:, :, :10])

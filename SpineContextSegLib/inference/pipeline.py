@@ -5,6 +5,7 @@ read -> canonical grid -> body crop -> network (Gaussian sliding window) -> post
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -42,6 +43,8 @@ class SegmentOptions:
     batch_size: int = 1
     threshold: Optional[float] = None
     crop_to_body: bool = True
+    # run every tile of the body box instead of only those that follow the spine (same mask, slower)
+    all_tiles: bool = False
     min_island_ml: float = 1.0
     min_spine_ml: float = 5.0
     max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM
@@ -134,7 +137,7 @@ def segment_image(
     from SpineContextSegLib.labels import labels_for_task
     from SpineContextSegLib.inference.postprocess import clean_probability
     from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, threshold_on_input_grid, to_canonical
-    from SpineContextSegLib.inference.stitcher import sliding_window_inference
+    from SpineContextSegLib.inference.stitcher import padded_shape_for, sliding_window_inference, tile_grid
 
     options = options or SegmentOptions()
     reporter = reporter or ProgressReporter()
@@ -176,14 +179,43 @@ def segment_image(
         network_seconds[0] += time.perf_counter() - start
         return out
 
-    def on_tile(done: int, total: int) -> None:
-        reporter.stage("network", done, total)
+    tiles_run = [0, len(tile_grid(padded_shape_for(network_input.shape[1:], patch_size), patch_size, overlap))]  # [run, in the tiling]
+
+    def on_tile(done: int, planned: int) -> None:
+        tiles_run[0] = done
+        reporter.stage("network", done, planned)
         stop()
 
+    threshold = card.threshold if options.threshold is None else options.threshold
+
+    def spine_found_so_far(blended: np.ndarray) -> Optional[np.ndarray]:
+        """Every column the post-processing could keep from the tiles run so far; ``None`` (run every tile) if none yet.
+
+        Not only the largest: a column cut short by the tiles not yet run may outgrow it.
+        """
+        try:
+            cleaned, _ = clean_probability(
+                blended[0], spacing_zyx, threshold=threshold, min_island_ml=options.min_island_ml, min_spine_ml=options.min_spine_ml,
+                max_column_offset_mm=options.max_column_offset_mm, fill_holes=False, every_candidate_column=True,
+            )
+        except SegmentationError:
+            return None
+        return cleaned >= threshold
+
+    spacing_zyx = list(reversed(canonical.GetSpacing()))
+    following = {}
+    # A vertebrae network's softmax runs every tile: following it would copy all its channels
+    # each round, and "nothing here" is 1 in its background channel, not 0.
+    if not options.all_tiles and card.task == "spine":
+        # Start from the tiles that cut the body's mid-sagittal plane (the spine crosses it in a
+        # supine CT; a column that strays off it is still followed) and follow the column.
+        mid_sagittal = np.zeros(network_input.shape[1:], dtype=bool)
+        mid_sagittal[:, :, mid_sagittal.shape[2] // 2] = True
+        following = dict(start_region=mid_sagittal, grow_region=spine_found_so_far)
     reporter.stage("network", 0, 1)
     start = time.perf_counter()
     network_output = sliding_window_inference(
-        network_input, timed_predict, patch_size, overlap=overlap, out_channels=card.out_channels, batch_size=options.batch_size, on_tile=on_tile
+        network_input, timed_predict, patch_size, overlap=overlap, out_channels=card.out_channels, batch_size=options.batch_size, on_tile=on_tile, **following
     )
     del network_input
     name_votes_crop = None
@@ -198,8 +230,6 @@ def segment_image(
     def postprocess() -> "sitk.Image":
         probability = np.zeros(hu.shape, dtype=np.float32)
         probability[box] = probability_crop
-        spacing_zyx = list(reversed(canonical.GetSpacing()))
-        threshold = card.threshold if options.threshold is None else options.threshold
         cleaned, info = clean_probability(
             probability, spacing_zyx, threshold=threshold, min_island_ml=options.min_island_ml, min_spine_ml=options.min_spine_ml,
             max_column_offset_mm=options.max_column_offset_mm, fill_holes=options.fill_holes,
@@ -221,6 +251,7 @@ def segment_image(
         "network_box_zyx": [[s.start, s.stop] for s in box],
         "patch_size": patch_size,
         "overlap": overlap,
+        "tiles_run": tiles_run,
         **postprocess_info,
     }
     labels = labels_for_task("spine")
@@ -354,8 +385,11 @@ def segment_file(
         check_stl_path(stl_path)
     start_total = time.perf_counter()
     timer = _StageTimer(reporter)
-    image = timer.run("read", read_image, input_path, series_uid=options.series_uid, reporter=reporter)
-    bundle, engine = load_model_and_engine(options, bundle, engine)
+    # The engine compiles the model while the image is read (both mostly outside the GIL).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(load_model_and_engine, options, bundle, engine)
+        image = timer.run("read", read_image, input_path, series_uid=options.series_uid, reporter=reporter)
+        bundle, engine = loading.result()
     if not bundle.card.trained:
         reporter.warning("model_untrained", "The model has random weights (not trained): the result is NOT a segmentation of the spine.")
     result = segment_image(image, options, reporter=reporter, stop=stop, bundle=bundle, engine=engine)

@@ -67,6 +67,7 @@ def clean_probability(
     min_spine_ml: float = 5.0,
     max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM,
     fill_holes: bool = True,
+    every_candidate_column: bool = False,
 ) -> Tuple[np.ndarray, dict]:
     """Remove small islands and pieces off the column; fill enclosed holes in a foreground probability map.
 
@@ -90,6 +91,9 @@ def clean_probability(
         keeps them.
     fill_holes : bool
         Set enclosed background (e.g. an under-segmented trabecular core) to foreground.
+    every_candidate_column : bool
+        Keep every column the largest components grow, not only the one holding the most
+        volume: what could still become the spine while a map is incomplete.
 
     Returns
     -------
@@ -114,7 +118,7 @@ def clean_probability(
     keep = np.zeros(count + 1, dtype=bool)
     keep[1:] = sizes_ml >= min_island_ml
     if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
-        keep = _pieces_on_the_column(labels, keep, sizes_ml, spacing_mm, max_column_offset_mm)
+        keep = _pieces_on_the_column(labels, keep, sizes_ml, spacing_mm, max_column_offset_mm, every_candidate=every_candidate_column)
     kept = keep[labels]
     cleaned = np.where(kept | ~foreground, probability, np.float32(0.0)).astype(np.float32, copy=False)
     # Below-threshold voxels next to a removed island would re-form a thin shell after linear
@@ -133,7 +137,9 @@ def clean_probability(
     return cleaned, info
 
 
-def _pieces_on_the_column(labels: np.ndarray, keep: np.ndarray, sizes_ml: np.ndarray, spacing_mm: Sequence[float], max_offset_mm: float, seeds: int = 3) -> np.ndarray:
+def _pieces_on_the_column(
+    labels: np.ndarray, keep: np.ndarray, sizes_ml: np.ndarray, spacing_mm: Sequence[float], max_offset_mm: float, seeds: int = 3, every_candidate: bool = False
+) -> np.ndarray:
     """``keep`` with the components off the vertebral column set to False.
 
     A column starts from one large component and grows: every kept component whose centroid
@@ -143,6 +149,7 @@ def _pieces_on_the_column(labels: np.ndarray, keep: np.ndarray, sizes_ml: np.nda
     separate components (a mask cut at every disc). Each of the ``seeds`` largest components
     starts a column; the one holding the most volume is the spine (a hip bone or a
     contrast-filled aorta can be larger than any single vertebra, not than the column).
+    ``every_candidate`` keeps all the seeds' columns.
     """
     from scipy import ndimage
 
@@ -172,7 +179,7 @@ def _pieces_on_the_column(labels: np.ndarray, keep: np.ndarray, sizes_ml: np.nda
         return column
 
     columns = [grow(int(seed) + 1) for seed in np.argsort(-sizes_ml)[:seeds] if keep[seed + 1]]
-    spine = max(columns, key=lambda column: sum(sizes_ml[v - 1] for v in column))
+    spine = set().union(*columns) if every_candidate else max(columns, key=lambda column: sum(sizes_ml[v - 1] for v in column))
     on_column = np.zeros_like(keep)
     on_column[list(spine)] = True
     return keep & on_column

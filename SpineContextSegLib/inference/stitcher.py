@@ -5,6 +5,11 @@ volume (the last tile of each axis ends exactly at the far edge; volumes smaller
 patch are padded once, up front). Predictions are blended with a Gaussian importance map
 (sigma = patch/8, as in nnU-Net) into float32 accumulators; tiles are processed in
 batches and never kept after they are accumulated.
+
+The tiles can also be run in rounds that follow what the network finds (``start_region`` and
+``grow_region``): a voxel whose every covering tile ran gets exactly the value the whole tiling
+gives it, so following the spine through the tiling reproduces the spine while skipping the
+tiles that only hold arms, lungs or table.
 """
 from __future__ import annotations
 
@@ -65,9 +70,24 @@ def tile_grid(shape: Sequence[int], patch_size: Sequence[int], overlap: float) -
     return [tuple(slice(a, a + p) for a, p in zip(corner, patch_size)) for corner in itertools.product(*starts)]
 
 
+def padded_shape_for(shape: Sequence[int], patch_size: Sequence[int]) -> Tuple[int, ...]:
+    """The shape a volume is padded to so that every axis holds at least one patch."""
+    return tuple(max(s, p) for s, p in zip(shape, patch_size))
+
+
 def _batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), batch_size):
         yield items[start : start + batch_size]
+
+
+def tiles_touching(tiles: Sequence[Tuple[slice, ...]], region: np.ndarray, margin_voxels: int = 0) -> List[int]:
+    """Indices of the tiles that hold a voxel of ``region`` (a bool array) within ``margin_voxels`` of their faces."""
+    touching = []
+    for index, tile in enumerate(tiles):
+        grown = tuple(slice(max(0, part.start - margin_voxels), part.stop + margin_voxels) for part in tile)
+        if region[grown].any():
+            touching.append(index)
+    return touching
 
 
 def sliding_window_inference(
@@ -81,6 +101,8 @@ def sliding_window_inference(
     pad_value: float = 0.0,
     sigma_scale: float = 1.0 / 8,
     on_tile: Optional[Callable[[int, int], None]] = None,
+    start_region: Optional[np.ndarray] = None,
+    grow_region: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None,
 ) -> np.ndarray:
     """Predict a whole volume tile by tile and blend the tiles with Gaussian weights.
 
@@ -94,17 +116,29 @@ def sliding_window_inference(
     overlap : float in [0, 1)
         Wanted fraction of overlap between neighbouring tiles (the actual overlap is at least this).
     on_tile : callable, optional
-        ``on_tile(done, total)`` after each batch; may raise to cancel (e.g. :class:`Cancelled`).
+        ``on_tile(done, planned)`` after each batch: tiles run, and tiles run or due in this
+        round (every tile of the tiling in one round; a plan that grows by rounds when
+        following, ``len(tile_grid(...))`` at most). May raise to cancel (e.g. :class:`Cancelled`).
+    start_region : np.ndarray, shape (D, H, W) bool, optional
+        Run only the tiles holding a voxel of it in the first round. ``None`` (or a region
+        that no tile holds): every tile, in one round.
+    grow_region : callable, optional
+        After each round, ``grow_region(blended)`` with ``blended`` (out_channels, d, h, w) the
+        blend of the tiles run so far over their bounding box (0 where none ran) returns the voxels of that box (d, h, w) bool whose every covering tile must run (tiles within one voxel of it run too, so that a
+        voxel on its edge keeps all its neighbours' tiles), or ``None`` for every tile.
+        Rounds repeat until it asks for no tile that has not run. Meant for sigmoid outputs,
+        where 0 means "nothing here" (a softmax's background channel would need 1).
 
     Returns
     -------
     np.ndarray, shape (out_channels, D, H, W), float32
-        ``sum_i(w_i * p_i) / sum_i(w_i)`` at every voxel.
+        ``sum_i(w_i * p_i) / sum_i(w_i)`` over the tiles that ran, at every voxel; 0 where
+        none ran.
     """
     if volume.ndim != 4:
         raise ValueError(f"volume must be (C, D, H, W), got shape {volume.shape}")
     spatial = volume.shape[1:]
-    padded_shape = tuple(max(s, p) for s, p in zip(spatial, patch_size))
+    padded_shape = padded_shape_for(spatial, patch_size)
     if padded_shape != spatial:
         padding = [(0, 0)] + [(0, p - s) for s, p in zip(spatial, padded_shape)]
         volume = np.pad(volume, padding, mode="constant", constant_values=pad_value)
@@ -112,19 +146,49 @@ def sliding_window_inference(
     importance = gaussian_importance_map(patch_size, sigma_scale)
     accumulated = np.zeros((out_channels,) + padded_shape, dtype=np.float32)
     weight_sum = np.zeros(padded_shape, dtype=np.float32)
-    done = 0
-    for batch_tiles in _batches(tiles, batch_size):
-        batch = np.stack([volume[(slice(None),) + tile] for tile in batch_tiles]).astype(np.float32, copy=False)
-        prediction = predict(batch)
-        if prediction.shape[1] != out_channels or prediction.shape[2:] != tuple(patch_size):
-            raise ValueError(f"predict returned shape {prediction.shape}, expected (B, {out_channels}, *{tuple(patch_size)})")
-        for tile, tile_prediction in zip(batch_tiles, prediction):
-            accumulated[(slice(None),) + tile] += tile_prediction * importance
-            weight_sum[tile] += importance
-        done += len(batch_tiles)
-        if on_tile is not None:
-            on_tile(done, len(tiles))
-    accumulated /= weight_sum
+    unpadded = (slice(None),) + tuple(slice(0, s) for s in spatial)
+
+    def padded_region(region: np.ndarray) -> np.ndarray:
+        if region.shape != spatial:
+            raise ValueError(f"a tile region must have the volume's shape {spatial}, got {region.shape}")
+        return np.pad(region, [(0, p - s) for s, p in zip(spatial, padded_shape)]) if padded_shape != spatial else region
+
+    def blend(accumulated: np.ndarray, weight_sum: np.ndarray) -> np.ndarray:
+        """``accumulated / weight_sum`` in place (where no tile ran both are 0, and stay 0)."""
+        return np.divide(accumulated, weight_sum, out=accumulated, where=weight_sum > 0)
+
+    ran = np.zeros(len(tiles), dtype=bool)
+    pending = list(range(len(tiles))) if start_region is None else tiles_touching(tiles, padded_region(start_region)) or list(range(len(tiles)))
+    while pending:
+        planned = int(ran.sum()) + len(pending)
+        for batch_indices in _batches(pending, batch_size):
+            batch_tiles = [tiles[i] for i in batch_indices]
+            batch = np.stack([volume[(slice(None),) + tile] for tile in batch_tiles]).astype(np.float32, copy=False)
+            prediction = predict(batch)
+            if prediction.shape[1] != out_channels or prediction.shape[2:] != tuple(patch_size):
+                raise ValueError(f"predict returned shape {prediction.shape}, expected (B, {out_channels}, *{tuple(patch_size)})")
+            for tile, tile_prediction in zip(batch_tiles, prediction):
+                accumulated[(slice(None),) + tile] += tile_prediction * importance
+                weight_sum[tile] += importance
+            ran[batch_indices] = True
+            if on_tile is not None:
+                on_tile(int(ran.sum()), planned)
+        if grow_region is None or ran.all():
+            break
+        # only the box of the tiles run so far can hold anything they found
+        ran_box = tuple(
+            slice(min(tiles[i][axis].start for i in np.flatnonzero(ran)), min(size, max(tiles[i][axis].stop for i in np.flatnonzero(ran))))
+            for axis, size in enumerate(spatial)
+        )
+        found = grow_region(blend(accumulated[(slice(None),) + ran_box].copy(), weight_sum[ran_box]))
+        if found is None:
+            wanted = range(len(tiles))
+        else:
+            region = np.zeros(padded_shape, dtype=bool)
+            region[ran_box] = found
+            wanted = tiles_touching(tiles, region, margin_voxels=1)
+        pending = [i for i in wanted if not ran[i]]
+    blend(accumulated, weight_sum)
     if padded_shape != spatial:
-        accumulated = np.ascontiguousarray(accumulated[(slice(None),) + tuple(slice(0, s) for s in spatial)])
+        accumulated = np.ascontiguousarray(accumulated[unpadded])
     return accumulated

@@ -134,6 +134,11 @@ _TROUBLESHOOTING_NOTES = """\
   and so flip single voxels at the threshold;
   pass `--threads N` to compare runs across machines. On CUDA (onnxruntime-gpu, torch) results
   are not guaranteed bit-identical between runs (cuDNN chooses algorithms at run time).
+- **Only the tiles the spine runs through.** The network starts with the tiles that cut the
+  body's mid-sagittal plane (from the image's direction cosines) and follows the column it
+  finds; with no spine there, it runs every tile. If a spine that is plainly in the image comes
+  out missing or cut short (an image whose orientation header is wrong, so that left-right is
+  not what the header says), compare with `--all-tiles`, which runs every tile of the body.
 """
 
 

@@ -187,6 +187,7 @@ def segment_image(
         stop()
 
     threshold = card.threshold if options.threshold is None else options.threshold
+    spacing_zyx = list(reversed(canonical.GetSpacing()))
 
     def spine_found_so_far(blended: np.ndarray) -> Optional[np.ndarray]:
         """Every column the post-processing could keep from the tiles run so far; ``None`` (run every tile) if none yet.
@@ -202,13 +203,13 @@ def segment_image(
             return None
         return cleaned >= threshold
 
-    spacing_zyx = list(reversed(canonical.GetSpacing()))
     following = {}
     # A vertebrae network's softmax runs every tile: following it would copy all its channels
     # each round, and "nothing here" is 1 in its background channel, not 0.
     if not options.all_tiles and card.task == "spine":
-        # Start from the tiles that cut the body's mid-sagittal plane (the spine crosses it in a
-        # supine CT; a column that strays off it is still followed) and follow the column.
+        # Start from the tiles that cut the body's mid-sagittal plane (x is the patient's
+        # left-right on the canonical grid, whatever the position on the table; the spine
+        # crosses it, and a column that strays off it is followed) and follow the column.
         mid_sagittal = np.zeros(network_input.shape[1:], dtype=bool)
         mid_sagittal[:, :, mid_sagittal.shape[2] // 2] = True
         following = dict(start_region=mid_sagittal, grow_region=spine_found_so_far)

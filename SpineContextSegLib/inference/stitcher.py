@@ -124,8 +124,10 @@ def sliding_window_inference(
         that no tile holds): every tile, in one round.
     grow_region : callable, optional
         After each round, ``grow_region(blended)`` with ``blended`` (out_channels, d, h, w) the
-        blend of the tiles run so far over their bounding box (0 where none ran) returns the voxels of that box (d, h, w) bool whose every covering tile must run (tiles within one voxel of it run too, so that a
-        voxel on its edge keeps all its neighbours' tiles), or ``None`` for every tile.
+        blend of the tiles run so far over their bounding box (0 where none ran) returns the
+        voxels of that box (d, h, w) bool whose every covering tile must run (tiles within one
+        voxel of it run too, so that a voxel on its edge keeps all its neighbours' tiles), or
+        ``None`` for every tile.
         Rounds repeat until it asks for no tile that has not run. Meant for sigmoid outputs,
         where 0 means "nothing here" (a softmax's background channel would need 1).
 
@@ -176,9 +178,9 @@ def sliding_window_inference(
         if grow_region is None or ran.all():
             break
         # only the box of the tiles run so far can hold anything they found
+        ran_tiles = [tiles[i] for i in np.flatnonzero(ran)]
         ran_box = tuple(
-            slice(min(tiles[i][axis].start for i in np.flatnonzero(ran)), min(size, max(tiles[i][axis].stop for i in np.flatnonzero(ran))))
-            for axis, size in enumerate(spatial)
+            slice(min(tile[axis].start for tile in ran_tiles), min(size, max(tile[axis].stop for tile in ran_tiles))) for axis, size in enumerate(spatial)
         )
         found = grow_region(blend(accumulated[(slice(None),) + ran_box].copy(), weight_sum[ran_box]))
         if found is None:

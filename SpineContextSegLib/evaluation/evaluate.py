@@ -241,6 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="spine", choices=("spine", "vertebrae"), help="vertebrae: score vertebra naming (identification rate, Dice per vertebra)")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's); a lever to measure, not a setting to tune per case")
     parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's)")
+    parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
     parser.add_argument("--no-slab", action="store_true", help="score the whole volume, not only the slab between the labelled vertebrae")
     parser.add_argument("--csv", metavar="OUT.csv", help="also write one line per case to this CSV file")
     parser.add_argument("--markdown", metavar="OUT.md", help="also write the table to this Markdown file")
@@ -313,21 +314,25 @@ def run(args: argparse.Namespace) -> int:
         raise SegmentationError("input_not_found", "No labelled cases found in " + ", ".join(args.cases) + ".")
 
     use_slab = not args.no_slab
-    if args.pred_dir and (getattr(args, "threshold", None) is not None or getattr(args, "spacing_mm", None) is not None):
-        raise UsageError("--threshold and --spacing-mm change a model run; with --pred-dir the predictions are read as they are")
+    levers = {name: getattr(args, name, None) for name in ("threshold", "spacing_mm", "overlap")}
+    if args.pred_dir and any(value is not None for value in levers.values()):
+        raise UsageError("--threshold, --spacing-mm and --overlap change a model run; with --pred-dir the predictions are read as they are")
     if args.pred_dir:
         predict_for = _prediction_reader(args.pred_dir)
     else:
         from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem, load_model_and_engine, segment_image
 
-        threshold, spacing_mm = getattr(args, "threshold", None), getattr(args, "spacing_mm", None)
+        threshold, spacing_mm, overlap = levers["threshold"], levers["spacing_mm"], levers["overlap"]
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise UsageError(f"--threshold must be a probability between 0 and 1, got {threshold}")
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise UsageError(f"--overlap must be in [0, 1), got {overlap}")
         spacing_problem = grid_spacing_problem(spacing_mm)
         if spacing_problem:
             raise UsageError(f"--spacing-mm: {spacing_problem}")
         options = SegmentOptions(
             model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"), threshold=threshold, spacing_mm=spacing_mm,
+            overlap=overlap,
         )
         bundle, engine = load_model_and_engine(options)  # once, outside the timed predictions
 

@@ -135,7 +135,7 @@ def segment_image(
     import SimpleITK as sitk
 
     from SpineContextSegLib.labels import labels_for_task
-    from SpineContextSegLib.inference.postprocess import clean_probability
+    from SpineContextSegLib.inference.postprocess import clean_probability, spine_components
     from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, threshold_on_input_grid, to_canonical
     from SpineContextSegLib.inference.stitcher import padded_shape_for, sliding_window_inference, tile_grid
 
@@ -195,13 +195,13 @@ def segment_image(
         Not only the largest: a column cut short by the tiles not yet run may outgrow it.
         """
         try:
-            cleaned, _ = clean_probability(
+            _, kept, _ = spine_components(
                 blended[0], spacing_zyx, threshold=threshold, min_island_ml=options.min_island_ml, min_spine_ml=options.min_spine_ml,
-                max_column_offset_mm=options.max_column_offset_mm, fill_holes=False, every_candidate_column=True,
+                max_column_offset_mm=options.max_column_offset_mm, every_candidate_column=True,
             )
         except SegmentationError:
             return None
-        return cleaned >= threshold
+        return kept
 
     following = {}
     # A vertebrae network's softmax runs every tile: following it would copy all its channels

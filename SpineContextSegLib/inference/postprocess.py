@@ -58,6 +58,50 @@ def column_axis_mm(component: np.ndarray, spacing_mm: Sequence[float], smoothing
     return centre
 
 
+def spine_components(
+    probability: np.ndarray,
+    spacing_mm: Sequence[float],
+    *,
+    threshold: float = 0.5,
+    min_island_ml: float = 1.0,
+    min_spine_ml: float = 5.0,
+    max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM,
+    every_candidate_column: bool = False,
+) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """The foreground and the part of it that is the spine (what :func:`clean_probability` keeps).
+
+    Parameters are those of :func:`clean_probability`, plus ``every_candidate_column``: keep
+    every column the largest components grow, not only the one holding the most volume (what
+    could still become the spine while a map is incomplete).
+
+    Returns
+    -------
+    foreground, kept : np.ndarray, (D, H, W) bool
+        ``probability >= threshold``, and its components on the spine.
+    info : dict
+        ``components``, ``kept_components``, ``spine_ml``.
+    """
+    from scipy import ndimage
+
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    foreground = probability >= threshold
+    labels, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), dtype=bool))
+    sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
+    largest_ml = float(sizes_ml.max()) if count else 0.0
+    if largest_ml < min_spine_ml:
+        raise SegmentationError(
+            "no_spine_found",
+            f"No spine found in the field of view (largest candidate {largest_ml:.1f} ml < {min_spine_ml:g} ml). "
+            f"Check that the CT covers the spine.",
+        )
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[1:] = sizes_ml >= min_island_ml
+    if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
+        keep = _pieces_on_the_column(labels, keep, sizes_ml, spacing_mm, max_column_offset_mm, every_candidate=every_candidate_column)
+    info = {"components": int(count), "kept_components": int(keep.sum()), "spine_ml": round(float(sizes_ml[keep[1:]].sum()), 2)}
+    return foreground, keep[labels], info
+
+
 def clean_probability(
     probability: np.ndarray,
     spacing_mm: Sequence[float],
@@ -67,7 +111,6 @@ def clean_probability(
     min_spine_ml: float = 5.0,
     max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM,
     fill_holes: bool = True,
-    every_candidate_column: bool = False,
 ) -> Tuple[np.ndarray, dict]:
     """Remove small islands and pieces off the column; fill enclosed holes in a foreground probability map.
 
@@ -91,9 +134,6 @@ def clean_probability(
         keeps them.
     fill_holes : bool
         Set enclosed background (e.g. an under-segmented trabecular core) to foreground.
-    every_candidate_column : bool
-        Keep every column the largest components grow, not only the one holding the most
-        volume: what could still become the spine while a map is incomplete.
 
     Returns
     -------
@@ -104,22 +144,9 @@ def clean_probability(
     """
     from scipy import ndimage
 
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    foreground = probability >= threshold
-    labels, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
-    largest_ml = float(sizes_ml.max()) if count else 0.0
-    if largest_ml < min_spine_ml:
-        raise SegmentationError(
-            "no_spine_found",
-            f"No spine found in the field of view (largest candidate {largest_ml:.1f} ml < {min_spine_ml:g} ml). "
-            f"Check that the CT covers the spine.",
-        )
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[1:] = sizes_ml >= min_island_ml
-    if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
-        keep = _pieces_on_the_column(labels, keep, sizes_ml, spacing_mm, max_column_offset_mm, every_candidate=every_candidate_column)
-    kept = keep[labels]
+    foreground, kept, info = spine_components(
+        probability, spacing_mm, threshold=threshold, min_island_ml=min_island_ml, min_spine_ml=min_spine_ml, max_column_offset_mm=max_column_offset_mm
+    )
     cleaned = np.where(kept | ~foreground, probability, np.float32(0.0)).astype(np.float32, copy=False)
     # Below-threshold voxels next to a removed island would re-form a thin shell after linear
     # resampling; zero the island's immediate neighbourhood too.
@@ -133,7 +160,6 @@ def clean_probability(
         region = tuple(slice(max(0, part.start - 1), part.stop + 1) for part in extent)
         holes = ndimage.binary_fill_holes(kept[region]) & ~kept[region]
         cleaned[region][holes] = 1.0
-    info = {"components": int(count), "kept_components": int(keep.sum()), "spine_ml": round(float(sizes_ml[keep[1:]].sum()), 2)}
     return cleaned, info
 
 

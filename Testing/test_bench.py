@@ -120,3 +120,32 @@ def test_avx2_variants_cap_the_child_kernels_and_the_others_do_not(tmp_path, mon
         bench._child(variant, "in.nii.gz", str(tmp_path / "out.nii.gz"), None, None)
     assert seen == {"openvino-int8-avx2": "AVX2", "openvino-int8": None, "default": None}
     assert "ONEDNN_MAX_CPU_ISA" not in os.environ
+
+
+def test_repeat_runs_every_variant_but_the_references_n_times_and_keeps_the_fastest(tmp_path, tiny_model_dir, monkeypatch):
+    import argparse
+
+    from SpineContextSegLib.cli import main
+    from SpineContextSegLib.errors import UsageError
+    from SpineContextSegLib.evaluation import bench
+
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(make_ct_image(size=(40, 36, 30)), str(ct))
+    calls = []
+    first_run_s = {"reference": 50.0, "default": 9.0}  # a first run slowed by loading libraries from disk
+
+    def fake_child(variant, input_path, output_path, model_dir, threads):
+        calls.append(variant)
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(input_path) > 300, sitk.sitkUInt8), output_path)
+        total = first_run_s[variant] if calls.count(variant) == 1 else 4.0
+        return {"variant": variant, "timings_s": {"total": total}, "peak_rss_mb": 100.0, "info": {}}
+
+    monkeypatch.setattr(bench, "_child", fake_child)
+    assert main(["bench", "--cases", str(ct), "--variants", "reference,default", "--repeat", "3", "--model", tiny_model_dir,
+                 "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "bench.md")]) == 0
+    assert calls == ["reference", "default", "default", "default"]
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| ct")}
+    assert float(rows["default"][9]) == 4.0 and float(rows["reference"][9]) == 50.0  # the fastest default run, the one reference run
+    assert rows["default"][11] == "12.5x"  # speed-up from the fastest run
+    with pytest.raises(UsageError, match="--repeat"):
+        bench.run(argparse.Namespace(repeat=0, variants="default", baseline="default-2mm"))

@@ -62,10 +62,11 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options_from_args(args: argparse.Namespace):
-    from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem
+    from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem, tile_overlap_problem
 
-    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
-        _usage(f"--overlap must be in [0, 1), got {args.overlap}")
+    overlap_problem = tile_overlap_problem(args.overlap)
+    if overlap_problem:
+        _usage(f"--overlap: {overlap_problem}")
     spacing_problem = grid_spacing_problem(args.spacing_mm)
     if spacing_problem:
         _usage(f"--spacing-mm: {spacing_problem}")

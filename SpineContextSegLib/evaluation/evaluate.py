@@ -320,16 +320,14 @@ def run(args: argparse.Namespace) -> int:
     if args.pred_dir:
         predict_for = _prediction_reader(args.pred_dir)
     else:
-        from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem, load_model_and_engine, segment_image
+        from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem, load_model_and_engine, segment_image, tile_overlap_problem
 
         threshold, spacing_mm, overlap = levers["threshold"], levers["spacing_mm"], levers["overlap"]
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise UsageError(f"--threshold must be a probability between 0 and 1, got {threshold}")
-        if overlap is not None and not 0.0 <= overlap < 1.0:
-            raise UsageError(f"--overlap must be in [0, 1), got {overlap}")
-        spacing_problem = grid_spacing_problem(spacing_mm)
-        if spacing_problem:
-            raise UsageError(f"--spacing-mm: {spacing_problem}")
+        for option, problem in (("--overlap", tile_overlap_problem(overlap)), ("--spacing-mm", grid_spacing_problem(spacing_mm))):
+            if problem:
+                raise UsageError(f"{option}: {problem}")
         options = SegmentOptions(
             model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"), threshold=threshold, spacing_mm=spacing_mm,
             overlap=overlap,

@@ -61,6 +61,13 @@ def grid_spacing_problem(spacing_mm: Optional[float]) -> Optional[str]:
     return f"the network's grid spacing must be between 0.3 and 6 mm, got {spacing_mm}"
 
 
+def tile_overlap_problem(overlap: Optional[float]) -> Optional[str]:
+    """Why ``overlap`` cannot be :attr:`SegmentOptions.overlap` (``None`` when it can)."""
+    if overlap is None or 0.0 <= overlap < 1.0:
+        return None
+    return f"the tile overlap must be in [0, 1), got {overlap}"
+
+
 @dataclasses.dataclass
 class SegmentationResult:
     mask: "sitk.Image"  # uint8 label map on exactly the input's grid

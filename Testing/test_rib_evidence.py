@@ -83,3 +83,19 @@ def test_a_rib_touching_one_segment_but_level_with_another_counts_nowhere(column
         own = Rib("left", arc, 40.0, 1.0, False, 30.0, 0.0, segment=1)
         per_segment, _ = rib_evidence(geometry, RibScan([own], view, touch_known=True), line)
         assert [segment["left"] for segment in per_segment] == [True, False, False]
+
+
+def test_a_rib_touching_a_segment_but_lying_in_a_gap_counts_in_that_gap(column):
+    """A ragged chest mask: the arches of the vertebra below a gap reach up to the ribs of the levels the gap hides."""
+    _, _, line = column
+    geometry = _segments(line, [(62.0, 78.0), (10.0, 30.0)])  # top first; 32 mm without mask between them
+    view = {"right": np.ones(SHAPE[0]), "left": np.ones(SHAPE[0])}
+    in_the_gap = Rib("left", 46.0, 40.0, 1.0, False, 30.0, 0.0, segment=2)  # touches the lower segment
+    per_segment, gaps = rib_evidence(geometry, RibScan([in_the_gap], view, touch_known=True), line)
+    assert [segment["left"] for segment in per_segment] == [False, False]
+    assert [gap["left"] for gap in gaps] == [0, 1, 0]
+    # level with the segment it touches, it is that segment's rib and no gap's
+    level = Rib("left", 20.0, 40.0, 1.0, False, 30.0, 0.0, segment=2)
+    per_segment, gaps = rib_evidence(geometry, RibScan([level], view, touch_known=True), line)
+    assert [segment["left"] for segment in per_segment] == [False, True]
+    assert [gap["left"] for gap in gaps] == [0, 0, 0]

@@ -50,7 +50,8 @@ def rib_evidence(geometry: Sequence[VertebraGeometry], scan: RibScan, line: Cent
 
     A rib belongs to the segment its inner end touches (:attr:`Rib.segment`) if it also lies
     level with it (the same widened arc range as below); touching one segment and lying level
-    with another, it counts nowhere. One that touches
+    with another, it counts nowhere; touching one and level with none, it is a rib of a level in
+    a gap (a ragged chest mask's arches reach up to the ribs of the vertebrae it lost). One that touches
     none but lies level with a segment's body (arc range, widened by a quarter of its length,
     at least 3 mm) is a lower rib passing by that segment and counts nowhere (without segment
     contacts, with a bare mask, it belongs to the segment with the nearer centre); one beside
@@ -78,16 +79,16 @@ def rib_evidence(geometry: Sequence[VertebraGeometry], scan: RibScan, line: Cent
     spare: List[Rib] = []
     for rib in scan.ribs:
         best = None
+        touched_elsewhere = False
         if 0 < rib.segment <= count and np.isfinite(centres[rib.segment - 1]):
             touched = geometry[rib.segment - 1]
             # level with it: within its arc range widened by a body radius (its neck may lie at
             # the disc above; a vertebra in pieces leaves short segments)
             reach = max(3.0, float(line.radius_at_arc(rib.arc_mm)))
-            if not touched.arc_low_mm - reach <= rib.arc_mm <= touched.arc_high_mm + reach:
-                # touches one segment but lies level with another: which vertebra it belongs to
-                # is unknown (a transverse process tip beside L1 touched a fragment 30 mm above)
-                continue
-            best = rib.segment - 1  # it touches that segment
+            if touched.arc_low_mm - reach <= rib.arc_mm <= touched.arc_high_mm + reach:
+                best = rib.segment - 1  # it touches that segment
+            else:
+                touched_elsewhere = True
         for index, g in enumerate(geometry if best is None else ()):
             if not np.isfinite(centres[index]):
                 continue
@@ -97,6 +98,10 @@ def rib_evidence(geometry: Sequence[VertebraGeometry], scan: RibScan, line: Cent
                     best = index
         if best is None:
             spare.append(rib)
+            continue
+        if touched_elsewhere:
+            # touches one segment but lies level with another: which vertebra it belongs to
+            # is unknown (a transverse process tip beside L1 touched a fragment 30 mm above)
             continue
         if rib.segment == 0 and scan.touch_known:
             continue  # beside a segment without touching it: a lower rib passing by, not its own

@@ -4,7 +4,7 @@ A straight synthetic column (a cylinder of bone, 1 mm voxels) with one bar of bo
 for a rib: found where its whole neck is in the scan; not found where the scan's top edge cuts
 it (ribs run down and out from their heads, so a piece cut above may be the shaft of a rib of a
 vertebra above the scan). And :func:`rib_evidence` gives a rib to the segment it touches only if
-it also lies level with that segment.
+it also lies level with that segment; in a gap between segments, pieces of one rib count once.
 """
 import numpy as np
 import pytest
@@ -99,3 +99,17 @@ def test_a_rib_touching_a_segment_but_lying_in_a_gap_counts_in_that_gap(column):
     per_segment, gaps = rib_evidence(geometry, RibScan([level], view, touch_known=True), line)
     assert [segment["left"] for segment in per_segment] == [False, True]
     assert [gap["left"] for gap in gaps] == [0, 0, 0]
+
+
+def test_two_pieces_of_one_rib_in_a_gap_count_as_one_level(column):
+    """Head and shaft found apart are one rib: a gap holding them hides one rib-bearing level, not two."""
+    _, _, line = column
+    geometry = _segments(line, [(62.0, 78.0), (10.0, 30.0)])
+    view = {"right": np.ones(SHAPE[0]), "left": np.ones(SHAPE[0])}
+    pieces = [Rib("left", arc, 40.0, 1.0, False, 30.0, 0.0, segment=0) for arc in (42.0, 48.0)]
+    _, gaps = rib_evidence(geometry, RibScan(pieces, view, touch_known=True), line)
+    assert gaps[1]["left"] == 1
+    # two ribs a level apart (20 mm) are two levels
+    two_levels = [Rib("left", arc, 40.0, 1.0, False, 30.0, 0.0, segment=0) for arc in (37.0, 57.0)]
+    _, gaps = rib_evidence(geometry, RibScan(two_levels, view, touch_known=True), line)
+    assert gaps[1]["left"] == 2

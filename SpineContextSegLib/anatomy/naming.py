@@ -40,6 +40,9 @@ from SpineContextSegLib.errors import SegmentationError
 #: confidently wrong when a patient is large or small as a whole (a T2-T8 slab of a large
 #: phantom scores 0.87 for T6-T12).
 UNANCHORED_CONFIDENCE = 0.5
+#: Rib pieces on one side closer than this along the column (mm) are one rib: consecutive
+#: rib-bearing levels lie 14 mm apart at the least (T1-T2 of a small adult), 20-30 mm usually.
+RIB_SAME_LEVEL_MM = 10.0
 #: Bone (ml) beyond an end of the column that counts as the sacrum or skull base when the
 #: scan shows the whole region of :func:`bone_beyond_column`.
 END_BONE_ML = 2.0
@@ -122,9 +125,11 @@ def rib_evidence(geometry: Sequence[VertebraGeometry], scan: RibScan, line: Cent
             elif levels.any() and float(np.mean(scan.view[side][levels])) >= 0.5:
                 per_segment[index][side] = False
     valid = np.isfinite(centres)
-    for rib in spare:
+    for rib in sorted(spare, key=lambda r: r.arc_mm):
         gap = int(np.count_nonzero(centres[valid] > rib.arc_mm))  # segments above it
         gap = int(np.flatnonzero(valid)[gap - 1]) + 1 if gap > 0 else 0
+        if any(side == rib.side and abs(arc - rib.arc_mm) < RIB_SAME_LEVEL_MM for side, arc in gaps[gap]["arcs"]):
+            continue  # a second piece of the same rib (head and shaft found apart), not another level's
         gaps[gap][rib.side] = int(gaps[gap][rib.side]) + 1
         gaps[gap]["arcs"].append((rib.side, round(rib.arc_mm, 1)))
     # where the scan does not show the stretch beside the column, a missing rib says nothing

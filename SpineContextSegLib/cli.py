@@ -54,6 +54,9 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--all-tiles", action="store_true", help="run every tile of the body instead of only the tiles the spine runs through (the same mask, slower; for comparisons)"
     )
+    parser.add_argument(
+        "--no-cortical-edge", action="store_true", help="keep the network's outline: do not move it out to the cortical bone (>= 400 HU) within one network voxel"
+    )
     parser.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     parser.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     parser.add_argument("--cancel-file", help="stop between tiles when this file appears (exit 20, outputs removed)")
@@ -84,6 +87,7 @@ def _options_from_args(args: argparse.Namespace):
         threshold=args.threshold,
         crop_to_body=not args.no_crop,
         all_tiles=args.all_tiles,
+        cortical_edge=not args.no_cortical_edge,
         task=args.task,
         cancel_file=args.cancel_file,
         series_uid=args.series,

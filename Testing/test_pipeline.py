@@ -11,7 +11,7 @@ from SpineContextSegLib.inference.engine import InferenceEngine
 from SpineContextSegLib.errors import Cancelled, SegmentationError
 from SpineContextSegLib.inference.model_files import load_model
 from SpineContextSegLib.inference.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
-from SpineContextSegLib.inference.postprocess import clean_probability
+from SpineContextSegLib.inference.postprocess import CORTICAL_BONE_HU, clean_probability, grow_to_cortical_edge
 
 from conftest import BoneThresholdEngine, make_ct_image, warning_recorder
 
@@ -398,3 +398,85 @@ def test_a_column_that_leaves_the_middle_of_the_body_is_followed_and_one_that_ne
     assert np.array_equal(sitk.GetArrayFromImage(following.mask), sitk.GetArrayFromImage(whole.mask))
     assert sitk.GetArrayFromImage(whole.mask).sum() > 0.9 * (ct == 700).sum()
     assert (followed.calls < every.calls) == follows
+
+
+def _vertebra_with_a_cortex():
+    """1 mm voxels: a 20 mm cube of trabecular bone (200 HU) in a 2 mm cortex (800 HU), in soft tissue;
+    a rib-like bar of cortex 3 mm beside it and a contrast vessel (350 HU) touching its other side."""
+    hu = np.full((40, 40, 40), 40.0, np.float32)
+    hu[8:32, 8:32, 8:32] = 800.0
+    hu[10:30, 10:30, 10:30] = 200.0
+    hu[14:26, 14:26, 35:39] = 800.0  # 3 mm of soft tissue between the cube (x < 32) and the bar
+    hu[14:26, 14:26, 2:8] = 350.0
+    network_mask = np.zeros(hu.shape, bool)
+    network_mask[9:31, 9:31, 9:31] = True  # stops one voxel short of the bone's edge all round
+    return hu, network_mask
+
+
+def test_the_outline_moves_out_to_the_cortical_edge_and_no_further():
+    hu, network_mask = _vertebra_with_a_cortex()
+    before = network_mask.copy()
+    grown = grow_to_cortical_edge(network_mask, hu, (1.0, 1.0, 1.0), distance_mm=1.8)
+    np.testing.assert_array_equal(network_mask, before)  # the input is not modified
+    bone = np.zeros(hu.shape, bool)
+    bone[8:32, 8:32, 8:32] = True
+    np.testing.assert_array_equal(grown, bone)  # not the bar 3 mm away, not the vessel below CORTICAL_BONE_HU
+    assert hu[20, 20, 5] < CORTICAL_BONE_HU
+    # a ball that does not fill its box: 1.5 mm reaches across faces and edges, not corners
+    corners = bone.copy()
+    corners[8:32:23, 8:32:23, 8:32:23] = False
+    np.testing.assert_array_equal(grow_to_cortical_edge(network_mask, hu, (1.0, 1.0, 1.0), distance_mm=1.5), corners)
+    # it moves by at most distance_mm: from two voxels short, one voxel of the cortex joins
+    shrunk = np.zeros(hu.shape, bool)
+    shrunk[10:30, 10:30, 10:30] = True
+    expected = np.zeros(hu.shape, bool)
+    expected[9:31, 9:31, 9:31] = True
+    np.testing.assert_array_equal(grow_to_cortical_edge(shrunk, hu, (1.0, 1.0, 1.0), distance_mm=1.8), expected)
+
+
+def test_the_outline_grows_only_along_axes_whose_voxels_are_shorter_than_the_distance():
+    hu, network_mask = _vertebra_with_a_cortex()
+    grown = grow_to_cortical_edge(network_mask, hu, (3.0, 1.0, 1.0), distance_mm=1.8)  # 3 mm slices
+    assert not grown[8].any() and not grown[31].any()  # the slices above and below stay out
+    assert grown[20, 8, 20] and grown[20, 20, 31]  # in-plane the cortex joins
+    np.testing.assert_array_equal(grow_to_cortical_edge(network_mask, hu, (3.0, 3.0, 3.0), distance_mm=1.8), network_mask)
+
+
+def test_segment_moves_the_outline_to_the_cortex_unless_told_not_to(bundle):
+    # the stand-in network thresholds the CT at 250 HU on the card's coarser grid: its mask,
+    # brought back to 0.8 mm voxels, misses some edge voxels of the 700 HU bone cylinder
+    image = make_ct_image(size=(60, 56, 40), spacing=(0.8, 0.8, 1.0))
+    hu = sitk.GetArrayFromImage(image)
+    plain = segment_image(image, SegmentOptions(min_spine_ml=0.5, cortical_edge=False), bundle=bundle, engine=BoneThresholdEngine())
+    edged = segment_image(image, SegmentOptions(min_spine_ml=0.5), bundle=bundle, engine=BoneThresholdEngine())
+    before, after = (sitk.GetArrayFromImage(r.mask).astype(bool) for r in (plain, edged))
+    assert (after >= before).all()
+    added = after & ~before
+    assert added.any() and (hu[added] >= CORTICAL_BONE_HU).all()
+    assert edged.info["cortical_edge_ml"] == pytest.approx(added.sum() * 0.8 * 0.8 * 1.0 / 1000.0, abs=0.01)
+    assert "cortical_edge_ml" not in plain.info
+
+
+def test_labels_made_on_the_network_outline_fill_the_outline_moved_to_the_cortex():
+    from SpineContextSegLib.inference.pipeline import labels_onto_mask
+
+    # two vertebrae (20, 21) one above the other, the sacrum (26) below; the moved outline is one
+    # voxel wider all round, down to the slice that touches the sacrum
+    labels = np.zeros((30, 20, 20), np.uint8)
+    labels[16:26, 5:15, 5:15] = 20
+    labels[5:15, 5:15, 5:15] = 21
+    labels[0:4, 5:15, 5:15] = 26
+    moved = np.zeros(labels.shape, bool)
+    moved[4:27, 4:16, 4:16] = True
+    labels_image = sitk.GetImageFromArray(labels)
+    labels_image.SetSpacing((0.8, 0.8, 1.0))
+    mask_image = sitk.GetImageFromArray(moved.astype(np.uint8))
+    mask_image.CopyInformation(labels_image)
+    result = labels_onto_mask(labels_image, mask_image)
+    out = sitk.GetArrayFromImage(result)
+    assert result.GetSpacing() == labels_image.GetSpacing()
+    np.testing.assert_array_equal(out[labels > 0], labels[labels > 0])  # nothing labelled changes
+    assert (out[moved] > 0).all() and set(np.unique(out[moved])) == {20, 21}  # the sacrum gives no voxel
+    assert out[26, 10, 10] == 20 and out[4, 10, 10] == 21 and out[20, 4, 10] == 20 and out[10, 15, 10] == 21
+    assert out[15, 10, 10] in (20, 21)  # the disc gap between them, filled by the one it is nearer to
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels_onto_mask(labels_image, labels_image)), labels)

@@ -13,8 +13,8 @@ Variants (each run in its own child process so its peak RSS is its own):
                the mask our speed levers (overlap, tile placement, crop, engine) should reproduce
                when the model was trained on another patch than the paper's.
 ``default``    exactly what ``spinecontextseg segment`` does.
-``default-2mm``  the same on a 2 mm grid: model 1.1.0's default (1.1.1 runs 1.1.0's weights at
-               1.8 mm).
+``default-2mm``  model 1.1.0's default: the same weights on a 2 mm grid, the network's outline
+               kept (1.1.1 runs them at 1.8 mm, and segment now moves the outline to the cortex).
 ``default-all-tiles``  the default running every tile of the body box instead of only the tiles
                that follow the spine: what the default must reproduce. ``--baseline`` (default:
                these two) adds a Dice column against each.
@@ -48,7 +48,7 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "reference-1mm": {},
     "reference-model-tile": {},
     "default": {},
-    "default-2mm": {"spacing_mm": 2.0},
+    "default-2mm": {"spacing_mm": 2.0, "cortical_edge": False},
     "default-all-tiles": {"all_tiles": True},
     "onnxruntime-fp32": {"engine": "onnxruntime", "precision": "fp32"},
     "openvino-fp32": {"engine": "openvino", "precision": "fp32"},

@@ -242,6 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's); a lever to measure, not a setting to tune per case")
     parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's)")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
+    parser.add_argument("--no-cortical-edge", action="store_true", help="keep the network's outline (a lever to measure; see segment --help)")
     parser.add_argument("--no-slab", action="store_true", help="score the whole volume, not only the slab between the labelled vertebrae")
     parser.add_argument("--csv", metavar="OUT.csv", help="also write one line per case to this CSV file")
     parser.add_argument("--markdown", metavar="OUT.md", help="also write the table to this Markdown file")
@@ -315,8 +316,9 @@ def run(args: argparse.Namespace) -> int:
 
     use_slab = not args.no_slab
     levers = {name: getattr(args, name, None) for name in ("threshold", "spacing_mm", "overlap")}
-    if args.pred_dir and any(value is not None for value in levers.values()):
-        raise UsageError("--threshold, --spacing-mm and --overlap change a model run; with --pred-dir the predictions are read as they are")
+    cortical_edge = not getattr(args, "no_cortical_edge", False)
+    if args.pred_dir and (any(value is not None for value in levers.values()) or not cortical_edge):
+        raise UsageError("--threshold, --spacing-mm, --overlap and --no-cortical-edge change a model run; with --pred-dir the predictions are read as they are")
     if args.pred_dir:
         predict_for = _prediction_reader(args.pred_dir)
     else:
@@ -330,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"{option}: {problem}")
         options = SegmentOptions(
             model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"), threshold=threshold, spacing_mm=spacing_mm,
-            overlap=overlap,
+            overlap=overlap, cortical_edge=cortical_edge,
         )
         bundle, engine = load_model_and_engine(options)  # once, outside the timed predictions
 

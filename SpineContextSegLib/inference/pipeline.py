@@ -49,6 +49,8 @@ class SegmentOptions:
     min_spine_ml: float = 5.0
     max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM
     fill_holes: bool = True
+    # move the outline out to the cortical bone within one network voxel, on the CT's own grid
+    cortical_edge: bool = True
     cancel_file: Optional[str] = None
     task: str = "spine"  # "vertebrae": split the spine mask into named vertebrae (VerSe ids)
     series_uid: Optional[str] = None  # DICOM SeriesInstanceUID when a folder holds several series
@@ -142,7 +144,7 @@ def segment_image(
     import SimpleITK as sitk
 
     from SpineContextSegLib.labels import labels_for_task
-    from SpineContextSegLib.inference.postprocess import clean_probability, spine_components
+    from SpineContextSegLib.inference.postprocess import clean_probability, grow_to_cortical_edge, spine_components
     from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, threshold_on_input_grid, to_canonical
     from SpineContextSegLib.inference.stitcher import padded_shape_for, sliding_window_inference, tile_grid
 
@@ -247,8 +249,17 @@ def segment_image(
         probability_image.CopyInformation(canonical)
         return threshold_on_input_grid(probability_image, image, threshold)
 
+    def to_cortical_edge(network_mask: "sitk.Image") -> "sitk.Image":
+        inside = sitk.GetArrayViewFromImage(network_mask).view(bool)  # uint8 0/1
+        grown = grow_to_cortical_edge(inside, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1], distance_mm=max(grid_spacing_mm))
+        postprocess_info["cortical_edge_ml"] = round(float(np.count_nonzero(grown) - np.count_nonzero(inside)) * float(np.prod(image.GetSpacing())) / 1000.0, 2)
+        grown_image = sitk.GetImageFromArray(grown.view(np.uint8))
+        grown_image.CopyInformation(image)
+        return grown_image
+
     postprocess_info: Dict[str, object] = {}
-    mask = timer.run("postprocess", postprocess)
+    network_mask = timer.run("postprocess", postprocess)
+    mask = timer.run("postprocess", to_cortical_edge, network_mask) if options.cortical_edge else network_mask
     stop()
     info = {
         "engine": engine.describe(),
@@ -270,7 +281,10 @@ def segment_image(
             votes[box] = name_votes_crop
             name_votes = sitk.GetImageFromArray(votes)
             name_votes.CopyInformation(canonical)
-        mask, labels = timer.run("label", _name_vertebrae, mask, image, reporter, info, name_votes)
+        # split and named on the network's own outline (the names were measured on it; the
+        # cortical edge can bridge a disc's rim), then the labels fill the outline moved to the cortex
+        vertebrae, labels = timer.run("label", _name_vertebrae, network_mask, image, reporter, info, name_votes)
+        mask = timer.run("label", labels_onto_mask, vertebrae, mask) if mask is not network_mask else vertebrae
     return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)
 
 
@@ -299,6 +313,32 @@ def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[D
 
 #: Slice spacing along the spine above which ``--task vertebrae`` warns that discs are not resolved, mm.
 MAX_SLICE_MM_FOR_NAMES = 5.0
+
+
+def labels_onto_mask(labels: "sitk.Image", mask: "sitk.Image") -> "sitk.Image":
+    """``labels`` with every unlabelled voxel of ``mask`` given the vertebra it connects to inside ``mask``.
+
+    For a mask a little larger than the one the labels were made from (the outline moved to the
+    cortex): each added voxel takes the label of the nearest vertebra, geodesically. The sacrum
+    (not part of the spine mask) keeps its voxels and gives none; a voxel no vertebra reaches stays 0.
+    """
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from SpineContextSegLib.anatomy.split import grow_labels
+    from SpineContextSegLib.labels import SACRUM_ID
+
+    array = sitk.GetArrayFromImage(labels)
+    added = (sitk.GetArrayViewFromImage(mask) > 0) & (array == 0)
+    if not added.any():
+        return labels
+    extent = ndimage.find_objects((added | (array > 0)).view(np.uint8))[0]
+    vertebrae = np.where(array[extent] == SACRUM_ID, 0, array[extent])
+    grown = grow_labels(vertebrae, added[extent])
+    array[extent] = np.where(added[extent], grown, array[extent])
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(labels)
+    return result
 
 
 def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:

@@ -1,4 +1,5 @@
-"""Probability map -> clean spine mask: threshold, keep the spine's components, fill holes.
+"""Probability map -> clean spine mask: threshold, keep the spine's components, fill holes;
+then, on the CT's own grid, the outline moved out to the cortical bone's edge.
 
 Post-processing edits the **probability map** on the canonical grid (cheap: few voxels)
 instead of a binary mask, so that the one resampling back to the input grid can stay
@@ -161,6 +162,67 @@ def clean_probability(
         holes = ndimage.binary_fill_holes(kept[region]) & ~kept[region]
         cleaned[region][holes] = 1.0
     return cleaned, info
+
+
+#: HU above which a voxel at the mask's edge is cortical bone: above the trabecular range
+#: (100-300 HU) and the fat, muscle and discs around the vertebra, so the outline moves to the
+#: bone's edge and not into the tissue beside it.
+CORTICAL_BONE_HU = 400.0
+
+
+def grow_to_cortical_edge(mask: np.ndarray, ct_hu: np.ndarray, spacing_mm: Sequence[float], *, distance_mm: float, min_hu: float = CORTICAL_BONE_HU) -> np.ndarray:
+    """The mask plus the cortical bone (``ct_hu >= min_hu``) within ``distance_mm`` outside it.
+
+    The network places the outline on its own grid; where it stops short of the bone's edge
+    (it is under-confident at the surface of scans unlike its training data: VerSe's manual
+    case has recall 0.78 at precision 0.96), the CT at the input's resolution shows that edge.
+    ``distance_mm`` of one network voxel lets the outline move by what the grid cannot resolve,
+    not grow along ribs or into a contrast-filled aorta.
+
+    Parameters
+    ----------
+    mask : (D, H, W) bool
+        The spine on the CT's grid.
+    ct_hu : (D, H, W) float or int
+        The CT in HU on the same grid.
+    spacing_mm : (3,) float
+        Voxel spacing along the array axes (D, H, W), mm.
+    distance_mm : float
+        Largest distance from the mask (Euclidean, mm) of a voxel that joins it.
+    min_hu : float
+        Voxels at least this bright join.
+
+    Returns
+    -------
+    (D, H, W) bool
+        A new mask; ``mask`` is not modified. Empty input, or ``distance_mm`` shorter than every
+        voxel side: the mask unchanged (a copy).
+    """
+    from scipy import ndimage
+
+    grown = np.array(mask, dtype=bool)
+    spacing = np.asarray(spacing_mm, dtype=float)
+    reach = np.floor(distance_mm / spacing).astype(int)  # voxels along each axis
+    if not grown.any() or not reach.any():
+        return grown
+    box = tuple(slice(max(0, part.start - r), min(n, part.stop + r)) for part, r, n in zip(_bounding_box(grown), reach, grown.shape))
+    # an ellipsoid of radius distance_mm in voxels: one dilation instead of a distance transform
+    offsets = np.indices(2 * reach + 1).reshape(3, -1).T - reach
+    ball = np.zeros(2 * reach + 1, dtype=bool)
+    ball[tuple((offsets[np.sum((offsets * spacing) ** 2, axis=1) <= distance_mm**2] + reach).T)] = True
+    inside = grown[box].view(np.uint8)
+    # a ball that fills its box (1.8 mm at 1 mm voxels: 3x3x3) dilates axis by axis, 3x faster
+    near = ndimage.maximum_filter(inside, size=ball.shape, mode="constant") if ball.all() else ndimage.maximum_filter(inside, footprint=ball, mode="constant")
+    grown[box] |= near.view(bool) & (ct_hu[box] >= min_hu)
+    return grown
+
+
+def _bounding_box(mask: np.ndarray) -> Tuple[slice, slice, slice]:
+    """Smallest box holding every True voxel of a non-empty 3D mask (projections: cheaper than ``find_objects`` on a whole CT)."""
+    z = np.flatnonzero(mask.any(axis=(1, 2)))
+    slab = mask[z[0] : z[-1] + 1]
+    y, x = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
+    return slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1)
 
 
 def _pieces_on_the_column(

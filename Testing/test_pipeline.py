@@ -432,6 +432,8 @@ def test_the_outline_moves_out_to_the_cortical_edge_and_no_further():
     expected = np.zeros(hu.shape, bool)
     expected[9:31, 9:31, 9:31] = True
     np.testing.assert_array_equal(grow_to_cortical_edge(shrunk, hu, (1.0, 1.0, 1.0), distance_mm=1.8), expected)
+    # and by one voxel of the CT at most: on a 0.5 mm grid 1.8 mm would be three voxels
+    np.testing.assert_array_equal(grow_to_cortical_edge(shrunk, hu, (0.5, 0.5, 0.5), distance_mm=1.8), expected)
 
 
 def test_the_outline_grows_only_along_axes_whose_voxels_are_shorter_than_the_distance():

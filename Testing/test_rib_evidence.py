@@ -4,7 +4,8 @@ A straight synthetic column (a cylinder of bone, 1 mm voxels) with one bar of bo
 for a rib: found where its whole neck is in the scan; not found where the scan's top edge cuts
 it (ribs run down and out from their heads, so a piece cut above may be the shaft of a rib of a
 vertebra above the scan). And :func:`rib_evidence` gives a rib to the segment it touches only if
-it also lies level with that segment; in a gap between segments, pieces of one rib count once.
+it also lies level with that segment (lying in a gap between segments, it counts in the gap), and
+in a gap, pieces of one rib count once.
 """
 import numpy as np
 import pytest

@@ -323,16 +323,16 @@ def labels_onto_mask(labels: "sitk.Image", mask: "sitk.Image") -> "sitk.Image":
     (not part of the spine mask) keeps its voxels and gives none; a voxel no vertebra reaches stays 0.
     """
     import SimpleITK as sitk
-    from scipy import ndimage
 
     from SpineContextSegLib.anatomy.split import grow_labels
+    from SpineContextSegLib.io.meshing import foreground_bounding_box
     from SpineContextSegLib.labels import SACRUM_ID
 
     array = sitk.GetArrayFromImage(labels)
     added = (sitk.GetArrayViewFromImage(mask) > 0) & (array == 0)
     if not added.any():
         return labels
-    extent = ndimage.find_objects((added | (array > 0)).view(np.uint8))[0]
+    extent = foreground_bounding_box(added | (array > 0))
     vertebrae = np.where(array[extent] == SACRUM_ID, 0, array[extent])
     grown = grow_labels(vertebrae, added[extent])
     array[extent] = np.where(added[extent], grown, array[extent])

@@ -201,12 +201,14 @@ def grow_to_cortical_edge(mask: np.ndarray, ct_hu: np.ndarray, spacing_mm: Seque
     """
     from scipy import ndimage
 
+    from SpineContextSegLib.io.meshing import foreground_bounding_box
+
     grown = np.array(mask, dtype=bool)
     spacing = np.asarray(spacing_mm, dtype=float)
     reach = np.minimum(1, np.floor(distance_mm / spacing)).astype(int)  # voxels along each axis: 0 or 1
     if not grown.any() or not reach.any():
         return grown
-    box = tuple(slice(max(0, part.start - r), min(n, part.stop + r)) for part, r, n in zip(_bounding_box(grown), reach, grown.shape))
+    box = tuple(slice(max(0, part.start - r), min(n, part.stop + r)) for part, r, n in zip(foreground_bounding_box(grown), reach, grown.shape))
     # the neighbours within distance_mm: one dilation instead of a distance transform
     offsets = np.indices(2 * reach + 1).reshape(3, -1).T - reach
     ball = np.zeros(2 * reach + 1, dtype=bool)
@@ -216,14 +218,6 @@ def grow_to_cortical_edge(mask: np.ndarray, ct_hu: np.ndarray, spacing_mm: Seque
     near = ndimage.maximum_filter(inside, size=ball.shape, mode="constant") if ball.all() else ndimage.maximum_filter(inside, footprint=ball, mode="constant")
     grown[box] |= near.view(bool) & (ct_hu[box] >= min_hu)
     return grown
-
-
-def _bounding_box(mask: np.ndarray) -> Tuple[slice, slice, slice]:
-    """Smallest box holding every True voxel of a non-empty 3D mask (projections: cheaper than ``find_objects`` on a whole CT)."""
-    z = np.flatnonzero(mask.any(axis=(1, 2)))
-    slab = mask[z[0] : z[-1] + 1]
-    y, x = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
-    return slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1), slice(int(x[0]), int(x[-1]) + 1)
 
 
 def _pieces_on_the_column(

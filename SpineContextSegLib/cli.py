@@ -55,7 +55,7 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
         "--all-tiles", action="store_true", help="run every tile of the body instead of only the tiles the spine runs through (the same mask, slower; for comparisons)"
     )
     parser.add_argument(
-        "--no-cortical-edge", action="store_true", help="keep the network's outline: do not move it out to the cortical bone (>= 400 HU) within one network voxel"
+        "--no-cortical-edge", action="store_true", help="keep the network's outline: do not move it to the bone the CT shows (voxels the network is unsure of, p >= 0.25, that are >= 250 HU; then the cortex, >= 400 HU, one CT voxel beyond)"
     )
     parser.add_argument("--series", help="DICOM SeriesInstanceUID when a folder holds several series")
     parser.add_argument("--progress", default="bar", choices=("bar", "json", "none"))

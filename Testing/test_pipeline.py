@@ -6,12 +6,14 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from SpineContextSegLib.inference.engine import InferenceEngine
 from SpineContextSegLib.errors import Cancelled, SegmentationError
 from SpineContextSegLib.inference.model_files import load_model
 from SpineContextSegLib.inference.pipeline import SegmentOptions, StopCheck, segment_file, segment_image
-from SpineContextSegLib.inference.postprocess import CORTICAL_BONE_HU, clean_probability, grow_to_cortical_edge
+from SpineContextSegLib.inference.postprocess import CORTICAL_BONE_HU, UNCERTAIN_BONE_HU, clean_probability, grow_to_cortical_edge, threshold_with_bone_evidence
 
 from conftest import BoneThresholdEngine, make_ct_image, warning_recorder
 
@@ -413,6 +415,45 @@ def _vertebra_with_a_cortex():
     return hu, network_mask
 
 
+def test_unsure_voxels_join_the_mask_only_where_the_ct_shows_bone_connected_to_it():
+    probability = np.zeros((30, 30, 30), np.float32)
+    hu = np.full(probability.shape, 40.0, np.float32)
+    probability[10:20, 10:20, 10:20] = 0.9  # the network's mask
+    probability[10:20, 10:20, 20:23] = 0.35  # an unsure rim on the left: bone (300 HU) ...
+    hu[10:20, 10:20, 20:23] = 300.0
+    probability[10:20, 10:20, 7:10] = 0.35  # ... and on the right: soft tissue
+    probability[10:20, 20:22, 10:20] = 0.2  # bone the network all but rules out
+    hu[10:20, 20:22, 10:20] = 600.0
+    probability[2:5, 2:5, 2:5] = 0.4  # unsure bone not connected to the mask
+    hu[2:5, 2:5, 2:5] = 600.0
+    before = probability.copy()
+    mask = threshold_with_bone_evidence(probability, hu, threshold=0.5, low_probability=0.25, min_hu=UNCERTAIN_BONE_HU)
+    np.testing.assert_array_equal(probability, before)
+    expected = np.zeros(probability.shape, bool)
+    expected[10:20, 10:20, 10:23] = True
+    np.testing.assert_array_equal(mask, expected)
+    # bone just below min_hu stays out; without any mask nothing joins
+    hu[10:20, 10:20, 20:23] = UNCERTAIN_BONE_HU - 1
+    np.testing.assert_array_equal(threshold_with_bone_evidence(probability, hu, threshold=0.5), probability >= 0.5)
+    assert not threshold_with_bone_evidence(np.minimum(probability, 0.4), hu + 1000, threshold=0.5).any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), shape=st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(1, 12)))
+def test_bone_evidence_joins_exactly_the_weak_pieces_connected_to_the_mask(seed, shape):
+    """The neighbour-graph shortcut gives what labelling mask | weak (26-connected) gives, borders included."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    probability = rng.choice(np.array([0.1, 0.3, 0.45, 0.7], np.float32), size=shape, p=[0.4, 0.3, 0.2, 0.1])
+    hu = rng.choice(np.array([50.0, 300.0], np.float32), size=shape)
+    mask = probability >= 0.5
+    weak = (probability >= 0.25) & ~mask & (hu >= 250.0)
+    labels, _ = ndimage.label(mask | weak, structure=np.ones((3, 3, 3), bool))
+    expected = np.isin(labels, labels[mask]) & (labels > 0)
+    np.testing.assert_array_equal(threshold_with_bone_evidence(probability, hu, threshold=0.5, low_probability=0.25, min_hu=250.0), expected)
+
+
 def test_the_outline_moves_out_to_the_cortical_edge_and_no_further():
     hu, network_mask = _vertebra_with_a_cortex()
     before = network_mask.copy()
@@ -454,9 +495,10 @@ def test_segment_moves_the_outline_to_the_cortex_unless_told_not_to(bundle):
     before, after = (sitk.GetArrayFromImage(r.mask).astype(bool) for r in (plain, edged))
     assert (after >= before).all()
     added = after & ~before
-    assert added.any() and (hu[added] >= CORTICAL_BONE_HU).all()
-    assert edged.info["cortical_edge_ml"] == pytest.approx(added.sum() * 0.8 * 0.8 * 1.0 / 1000.0, abs=0.01)
-    assert "cortical_edge_ml" not in plain.info
+    assert added.any() and (hu[added] >= UNCERTAIN_BONE_HU).all()
+    added_ml = edged.info["cortical_edge_ml"] + edged.info["uncertain_bone_ml"]
+    assert added_ml == pytest.approx(added.sum() * 0.8 * 0.8 * 1.0 / 1000.0, abs=0.01)
+    assert "cortical_edge_ml" not in plain.info and "uncertain_bone_ml" not in plain.info
 
 
 def test_labels_made_on_the_network_outline_fill_the_outline_moved_to_the_cortex():

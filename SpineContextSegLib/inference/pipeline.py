@@ -10,7 +10,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -49,7 +49,8 @@ class SegmentOptions:
     min_spine_ml: float = 5.0
     max_column_offset_mm: float = MAX_COLUMN_OFFSET_MM
     fill_holes: bool = True
-    # move the outline out to the cortical bone within one network voxel, on the CT's own grid
+    # move the outline to the bone the CT shows, on its own grid: unsure voxels (p >= 0.25) that
+    # are bone (postprocess.threshold_with_bone_evidence), then the cortex one voxel beyond
     cortical_edge: bool = True
     cancel_file: Optional[str] = None
     task: str = "spine"  # "vertebrae": split the spine mask into named vertebrae (VerSe ids)
@@ -144,9 +145,10 @@ def segment_image(
     import SimpleITK as sitk
 
     from SpineContextSegLib.labels import labels_for_task
-    from SpineContextSegLib.inference.postprocess import clean_probability, grow_to_cortical_edge, spine_components
-    from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, threshold_on_input_grid, to_canonical
+    from SpineContextSegLib.inference.postprocess import UNCERTAIN_PROBABILITY, clean_probability, grow_to_cortical_edge, spine_components, threshold_with_bone_evidence
+    from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, probability_on_input_grid, to_canonical
     from SpineContextSegLib.inference.stitcher import padded_shape_for, sliding_window_inference, tile_grid
+    from SpineContextSegLib.io.meshing import foreground_bounding_box
 
     options = options or SegmentOptions()
     reporter = reporter or ProgressReporter()
@@ -237,7 +239,8 @@ def segment_image(
     timer.timings["network"] = network_seconds[0]
     timer.timings["stitch"] = time.perf_counter() - start - network_seconds[0]
 
-    def postprocess() -> "sitk.Image":
+    def postprocess() -> Tuple["sitk.Image", Optional["sitk.Image"]]:
+        """The network's mask on the CT's grid, and (``cortical_edge``) its outline moved to the bone the CT shows there."""
         probability = np.zeros(hu.shape, dtype=np.float32)
         probability[box] = probability_crop
         cleaned, info = clean_probability(
@@ -247,19 +250,37 @@ def segment_image(
         postprocess_info.update(info)
         probability_image = sitk.GetImageFromArray(cleaned)
         probability_image.CopyInformation(canonical)
-        return threshold_on_input_grid(probability_image, image, threshold)
-
-    def to_cortical_edge(network_mask: "sitk.Image") -> "sitk.Image":
-        inside = sitk.GetArrayViewFromImage(network_mask).view(bool)  # uint8 0/1
-        grown = grow_to_cortical_edge(inside, sitk.GetArrayViewFromImage(image), image.GetSpacing()[::-1], distance_mm=max(grid_spacing_mm))
-        postprocess_info["cortical_edge_ml"] = round(float(np.count_nonzero(grown) - np.count_nonzero(inside)) * float(np.prod(image.GetSpacing())) / 1000.0, 2)
-        grown_image = sitk.GetImageFromArray(grown.view(np.uint8))
-        grown_image.CopyInformation(image)
-        return grown_image
+        if options.cortical_edge:
+            # the unsure voxels next to the spine (two network voxels): not the faint answers
+            # over ribs, sternum and heart, which would widen the box to the whole chest
+            spine_box = foreground_bounding_box(cleaned >= threshold)
+            near_spine = tuple(slice(max(0, part.start - 2), part.stop + 2) for part in spine_box) if spine_box else (slice(0, 0),) * 3
+            region, block = probability_on_input_grid(probability_image, image, min(threshold, UNCERTAIN_PROBABILITY), within=near_spine)
+        else:
+            region, block = probability_on_input_grid(probability_image, image, threshold)
+        # the network's outline is needed as an image to threshold (its own outline) or to split
+        # and name the vertebrae on; the moved outline is worked out inside the box, plus the
+        # one voxel the cortical edge may add
+        network_mask = _mask_image(block >= threshold, region, image) if not options.cortical_edge or options.task == "vertebrae" else None
+        if not options.cortical_edge:
+            return network_mask, None
+        size = image.GetSize()[::-1]
+        padded = tuple(slice(max(0, part.start - 1), min(n, part.stop + 1)) for part, n in zip(region, size))
+        inner = tuple(slice(part.start - outer.start, part.stop - outer.start) for part, outer in zip(region, padded))
+        ct_hu = sitk.GetArrayViewFromImage(image)[padded]
+        # the network's unsure voxels where the CT shows bone, then the cortical edge: one CT voxel
+        bone_mask = np.zeros(ct_hu.shape, dtype=bool)
+        bone_mask[inner] = threshold_with_bone_evidence(block, ct_hu[inner], threshold=threshold)
+        grown = grow_to_cortical_edge(bone_mask, ct_hu, image.GetSpacing()[::-1], distance_mm=max(grid_spacing_mm))
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        network_count, bone_count = np.count_nonzero(block >= threshold), np.count_nonzero(bone_mask)
+        postprocess_info["uncertain_bone_ml"] = round((bone_count - network_count) * voxel_ml, 2)
+        postprocess_info["cortical_edge_ml"] = round((np.count_nonzero(grown) - bone_count) * voxel_ml, 2)
+        return network_mask, _mask_image(grown, padded, image)
 
     postprocess_info: Dict[str, object] = {}
-    network_mask = timer.run("postprocess", postprocess)
-    mask = timer.run("postprocess", to_cortical_edge, network_mask) if options.cortical_edge else network_mask
+    network_mask, moved_mask = timer.run("postprocess", postprocess)
+    mask = network_mask if moved_mask is None else moved_mask
     stop()
     info = {
         "engine": engine.describe(),
@@ -309,6 +330,17 @@ def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[D
     votes = classes_to_verse_ids(classes, class_ids)
     votes[network_output[0] >= 0.5] = 0
     return spine_probability, votes
+
+
+def _mask_image(mask: np.ndarray, box: Tuple[slice, ...], reference: "sitk.Image") -> "sitk.Image":
+    """A uint8 0/1 image on ``reference``'s grid that is ``mask`` (bool) inside ``box`` (numpy order) and 0 elsewhere."""
+    import SimpleITK as sitk
+
+    array = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+    array[box] = mask
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
 
 
 #: Slice spacing along the spine above which ``--task vertebrae`` warns that discs are not resolved, mm.

@@ -164,6 +164,72 @@ def clean_probability(
     return cleaned, info
 
 
+#: Probability from which a voxel the network is unsure of joins the mask if the CT shows bone there.
+UNCERTAIN_PROBABILITY = 0.25
+
+#: HU from which an uncertain voxel is bone: above discs, muscle and blood (<= 100 HU), the
+#: denser trabecular bone and the cortex's partial-volume rim.
+UNCERTAIN_BONE_HU = 250.0
+
+
+def threshold_with_bone_evidence(
+    probability: np.ndarray, ct_hu: np.ndarray, *, threshold: float, low_probability: float = UNCERTAIN_PROBABILITY, min_hu: float = UNCERTAIN_BONE_HU
+) -> np.ndarray:
+    """``probability >= threshold``, plus the voxels the network is unsure of where the CT shows bone.
+
+    A hysteresis threshold whose weak part needs the CT's agreement: voxels with
+    ``low_probability <= probability < threshold`` and ``ct_hu >= min_hu`` join when they
+    connect (26-neighbours, through such voxels) to the mask. On scans unlike its training data
+    the network's probability falls to 0.25-0.5 over the rim of a vertebra, and where it crosses
+    0.5 there depends on how the tiles fall; the CT decides there instead (verse014, manual
+    labels: recall 0.83 -> 0.87 at the same precision).
+
+    Parameters
+    ----------
+    probability : (D, H, W) float
+        Spine probability on the CT's grid (or a box of it).
+    ct_hu : (D, H, W) float or int
+        The CT in HU on the same grid.
+    threshold, low_probability : float
+        The mask's threshold, and the lowest probability that may join with bone evidence.
+    min_hu : float
+        Voxels at least this bright are bone.
+
+    Returns
+    -------
+    (D, H, W) bool
+        A new mask.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    mask = probability >= threshold
+    unsure = np.flatnonzero((probability >= low_probability) & ~mask)
+    voxels = unsure[ct_hu[np.unravel_index(unsure, mask.shape)] >= min_hu]  # the CT read only there
+    if voxels.size == 0 or not mask.any():
+        return mask
+    # The weak voxels are a thin rim (26 000 of the 16 million in a 1 mm chest CT's spine box):
+    # their 26-neighbour graph, not a labelling of the whole box (3x faster).
+    coords = np.stack(np.unravel_index(voxels, mask.shape), axis=1)
+    neighbours = coords[:, np.newaxis, :] + _NEIGHBOUR_OFFSETS  # (n, 26, 3)
+    inside = np.all((neighbours >= 0) & (neighbours < mask.shape), axis=2)
+    flat = np.ravel_multi_index(tuple(np.where(inside[..., np.newaxis], neighbours, 0).transpose(2, 0, 1)), mask.shape)
+    touches_mask = (mask.ravel()[flat] & inside).any(axis=1)
+    position = np.minimum(np.searchsorted(voxels, flat), voxels.size - 1)
+    linked = inside & (voxels[position] == flat)  # the neighbour is weak too
+    rows = np.broadcast_to(np.arange(voxels.size)[:, np.newaxis], linked.shape)[linked]
+    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, position[linked])), shape=(voxels.size, voxels.size))
+    _, piece = connected_components(graph, directed=False)
+    joins = np.zeros(piece.max() + 1, dtype=bool)
+    joins[piece[touches_mask]] = True  # a weak piece with a voxel next to the mask joins whole
+    joined = mask.copy()
+    joined.ravel()[voxels[joins[piece]]] = True
+    return joined
+
+
+_NEIGHBOUR_OFFSETS = np.array([offset for offset in np.ndindex(3, 3, 3) if offset != (1, 1, 1)]) - 1
+
+
 #: HU above which a voxel at the mask's edge is cortical bone: above the trabecular range
 #: (100-300 HU) and the fat, muscle and discs around the vertebra, so the outline moves to the
 #: bone's edge and not into the tissue beside it.

@@ -12,7 +12,7 @@ and direction.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -128,23 +128,33 @@ def body_bounding_box(hu: np.ndarray, *, threshold_hu: float = -500.0, margin_vo
     return tuple(slices)
 
 
-def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", threshold: float) -> "sitk.Image":
-    """Resample a canonical-grid probability map linearly onto ``reference``'s exact grid and threshold it.
+def probability_on_input_grid(
+    probability: "sitk.Image", reference: "sitk.Image", floor: float, *, within: Optional[Tuple[slice, ...]] = None
+) -> Tuple[Tuple[slice, ...], np.ndarray]:
+    """Resample a canonical-grid probability map linearly onto the part of ``reference``'s grid where it can reach ``floor``.
 
-    Only the part of the input grid that can reach the threshold is resampled: a linear
-    interpolation is a weighted mean of its 8 neighbours, so it reaches ``threshold`` only
-    within one voxel of a voxel that does. That bounding box (mapped through the input's
-    direction cosines, plus one voxel) is the spine's, a small part of a 512x512x400 CT; the
-    rest of the uint8 mask is 0.
+    A linear interpolation is a weighted mean of its 8 neighbours, so it reaches ``floor``
+    only within one voxel of a voxel that does. That bounding box (mapped through the input's
+    direction cosines, plus one voxel) is the spine's, a small part of a 512x512x400 CT.
+    ``within`` (a box of ``probability``'s array, numpy order) limits the voxels considered;
+    outside it the result may be below ``floor`` where the probability is not.
+
+    Returns
+    -------
+    region : tuple of 3 slices
+        The box on ``reference``'s array (numpy order k, j, i); empty slices if nothing reaches ``floor``.
+    block : (K, J, I) float32
+        The probability there; everywhere outside the box it is below ``floor``.
     """
     import SimpleITK as sitk
     from scipy import ndimage
 
-    extent = ndimage.find_objects((sitk.GetArrayViewFromImage(probability) >= threshold).view(np.uint8))
-    mask = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    within = within or tuple(slice(0, n) for n in reversed(probability.GetSize()))
+    considered = sitk.GetArrayViewFromImage(probability)[within]
+    extent = ndimage.find_objects((considered >= floor).view(np.uint8)) if considered.size else []
     if extent:
-        low_kji = np.array([part.start for part in extent[0]]) - 1
-        high_kji = np.array([part.stop for part in extent[0]])  # last index + 1
+        low_kji = np.array([part.start + box.start for part, box in zip(extent[0], within)]) - 1
+        high_kji = np.array([part.stop + box.start for part, box in zip(extent[0], within)])  # last index + 1
         corners = [
             reference.TransformPhysicalPointToContinuousIndex(probability.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner[::-1]]))
             for corner in itertools.product(*zip(low_kji, high_kji))
@@ -159,8 +169,21 @@ def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", 
             region.SetDirection(reference.GetDirection())
             region.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in low]))
             on_region = resample_to_reference(probability, region, method="linear", default_value=0.0, pixel_type=sitk.sitkFloat32)
-            block = sitk.GetArrayViewFromImage(on_region) >= threshold
-            mask[low[2] : high[2], low[1] : high[1], low[0] : high[0]] = block
+            return tuple(slice(int(a), int(b)) for a, b in zip(low[::-1], high[::-1])), sitk.GetArrayFromImage(on_region)
+    return (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.float32)
+
+
+def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", threshold: float) -> "sitk.Image":
+    """Resample a canonical-grid probability map linearly onto ``reference``'s exact grid and threshold it.
+
+    Only the box where the probability can reach ``threshold`` is resampled
+    (:func:`probability_on_input_grid`); the rest of the uint8 mask is 0.
+    """
+    import SimpleITK as sitk
+
+    mask = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
+    region, block = probability_on_input_grid(probability, reference, threshold)
+    mask[region] = block >= threshold
     result = sitk.GetImageFromArray(mask)
     result.CopyInformation(reference)
     return result

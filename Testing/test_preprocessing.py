@@ -130,22 +130,26 @@ def test_body_bounding_box_excludes_air_and_keeps_a_margin():
     flips=st.tuples(st.sampled_from([1, -1]), st.sampled_from([1, -1]), st.sampled_from([1, -1])),
     spacing=st.tuples(st.floats(0.6, 2.0), st.floats(0.6, 2.0), st.floats(0.6, 4.0)),
 )
-def test_threshold_on_input_grid_equals_resampling_the_whole_grid(angles, flips, spacing):
-    """The bounding-box shortcut must give exactly the mask a full resampling gives."""
-    from SpineContextSegLib.inference.preprocessing import threshold_on_input_grid
+def test_probability_on_input_grid_equals_resampling_the_whole_grid(angles, flips, spacing):
+    """The bounding-box shortcut must give exactly the mask a full resampling gives, at any floor below the threshold too."""
+    from SpineContextSegLib.inference.preprocessing import probability_on_input_grid
 
     image = sitk.Image([30, 26, 22], sitk.sitkInt16)
     image.SetSpacing(spacing)
     image.SetDirection((rotation(angles) @ np.diag(flips)).ravel().tolist())
     reference = canonical_reference(image, [2.0, 2.0, 2.0])
     rng = np.random.default_rng(0)
-    # below the threshold everywhere (as a network's output is), above it only in a block
-    probability = rng.random(tuple(reversed(reference.GetSize())), dtype=np.float32) * 0.49
+    # below the floor everywhere (as a network's output is), above it only in a block
+    probability = rng.random(tuple(reversed(reference.GetSize())), dtype=np.float32) * 0.24
     k, j, i = (n // 2 for n in probability.shape)
     probability[k - 3 : k + 4, j - 2 : j + 3, i - 4 : i + 2] = rng.random((7, 5, 6), dtype=np.float32)
     probability_image = sitk.GetImageFromArray(probability)
     probability_image.CopyInformation(reference)
-    fast = sitk.GetArrayFromImage(threshold_on_input_grid(probability_image, image, 0.5))
-    full = sitk.GetArrayFromImage(resample_to_reference(probability_image, image, method="linear", pixel_type=sitk.sitkFloat32)) >= 0.5
-    assert fast.any()
-    np.testing.assert_array_equal(fast.astype(bool), full)
+    full = sitk.GetArrayFromImage(resample_to_reference(probability_image, image, method="linear", pixel_type=sitk.sitkFloat32))
+    spine_box = (slice(k - 3, k + 4), slice(j - 2, j + 3), slice(i - 4, i + 2))
+    for floor, within in ((0.5, None), (0.25, None), (0.25, spine_box)):
+        region, block = probability_on_input_grid(probability_image, image, floor, within=within)
+        fast = np.zeros(full.shape, bool)
+        fast[region] = block >= floor
+        assert fast.any()
+        np.testing.assert_array_equal(fast, full >= floor)

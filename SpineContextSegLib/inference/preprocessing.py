@@ -173,22 +173,6 @@ def probability_on_input_grid(
     return (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.float32)
 
 
-def threshold_on_input_grid(probability: "sitk.Image", reference: "sitk.Image", threshold: float) -> "sitk.Image":
-    """Resample a canonical-grid probability map linearly onto ``reference``'s exact grid and threshold it.
-
-    Only the box where the probability can reach ``threshold`` is resampled
-    (:func:`probability_on_input_grid`); the rest of the uint8 mask is 0.
-    """
-    import SimpleITK as sitk
-
-    mask = np.zeros(tuple(reversed(reference.GetSize())), dtype=np.uint8)
-    region, block = probability_on_input_grid(probability, reference, threshold)
-    mask[region] = block >= threshold
-    result = sitk.GetImageFromArray(mask)
-    result.CopyInformation(reference)
-    return result
-
-
 def estimate_segmentation_memory_bytes(image: "sitk.Image", canonical_spacing_mm: Sequence[float], output_channels: int = 1) -> int:
     """Peak bytes of one run on ``image``: the input grid plus the canonical grid at ``canonical_spacing_mm`` (x, y, z mm).
 

@@ -6,9 +6,12 @@ the first layer outside is soft tissue; around the phantom generator's labels it
 (its blur reaches beyond them): what the outline steps of ``segment`` and the phantoms' outline
 convention are judged on (docs/benchmark.md, docs/training.md).
 
-Usage: python scripts/label_rim_profile.py [CASES ...] [--pair CT LABEL ...]
+Usage: python scripts/label_rim_profile.py [CASES ...] [--pair CT LABEL ...] [--phantom-seeds N ...] [--grid-mm MM]
        e.g. ../shared/data/real --pair runs/bench7/work/full_size_phantom.nii.gz runs/bench7/work/full_size_phantom_label.nii.gz
-(CASES: dataset roots or case folders, as ``spinecontextseg evaluate`` takes them)
+       or   ../shared/data/real --phantom-seeds 3 11 29 --grid-mm 2   (as training sees them)
+(CASES: dataset roots or case folders, as ``spinecontextseg evaluate`` takes them. ``--grid-mm``
+resamples every CT linearly, and its label linearly then at 0.5, onto the isotropic canonical
+grid, as training does; phantoms are drawn directly on it.)
 """
 from __future__ import annotations
 
@@ -49,21 +52,41 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("CT", "LABEL"), help="a CT and its label map (non-zero: spine)")
+    parser.add_argument("--phantom-seeds", nargs="+", type=int, default=[], help="also phantoms of these seeds (drawn on --grid-mm, default 2 mm)")
+    parser.add_argument("--grid-mm", type=float, help="resample onto this isotropic grid first (training's: 2)")
     args = parser.parse_args(argv)
+
+    def on_grid(ct: "sitk.Image", spine: "sitk.Image"):
+        if not args.grid_mm:
+            return ct, sitk.GetArrayFromImage(spine) > 0
+        from SpineContextSegLib.inference.preprocessing import to_canonical
+
+        grid = [args.grid_mm] * 3
+        return to_canonical(ct, grid, method="linear"), sitk.GetArrayFromImage(to_canonical(sitk.Cast(spine, sitk.sitkFloat32), grid, method="linear", default_value=0.0)) >= 0.5
+
     rows = []
     for root in args.cases:
         for case in find_cases(root):
             ct, _ = case.load()
-            rows.append((case.case_id, ct, sitk.GetArrayFromImage(case.load_spine_mask()) > 0))
+            rows.append((case.case_id, *on_grid(ct, case.load_spine_mask())))
     for ct_path, label_path in args.pair:
-        ct = read_image(ct_path)
-        label = sitk.GetArrayFromImage(sitk.ReadImage(label_path))
-        rows.append((os.path.basename(ct_path), ct, spine_mask_from_vertebra_labels(label).astype(bool) if label.max() > 1 else label > 0))
+        label = sitk.ReadImage(label_path)
+        values = sitk.GetArrayFromImage(label)
+        spine = sitk.GetImageFromArray(spine_mask_from_vertebra_labels(values) if values.max() > 1 else (values > 0).astype(np.uint8))
+        spine.CopyInformation(label)
+        rows.append((os.path.basename(ct_path), *on_grid(read_image(ct_path), spine)))
+    for seed in args.phantom_seeds:
+        from SpineContextSegLib.phantoms.generator import generate_phantom_arrays
+
+        phantom = generate_phantom_arrays(seed, spacing_mm=(args.grid_mm or 2.0,) * 3)
+        ct = sitk.GetImageFromArray(phantom.ct.astype(np.float32))
+        ct.SetSpacing((args.grid_mm or 2.0,) * 3)
+        rows.append((f"phantom {seed}", ct, phantom.spine_mask > 0))
     print(f"| case | voxel mm | HU inside (1, 2, {LAYERS} voxels in) | HU outside (1, 2, {LAYERS} voxels out) |")
     print("|---|---|---|---|")
     for name, ct, label in rows:
         within, beyond = layer_medians_hu(label, sitk.GetArrayFromImage(ct))
-        spacing = " × ".join(f"{s:g}" for s in ct.GetSpacing())
+        spacing = " × ".join(f"{s:.3g}" for s in ct.GetSpacing())
         print(f"| {name} | {spacing} | {' / '.join(f'{v:.0f}' for v in within)} | {' / '.join(f'{v:.0f}' for v in beyond)} |", flush=True)
     return 0
 

@@ -145,7 +145,7 @@ def segment_image(
     import SimpleITK as sitk
 
     from SpineContextSegLib.labels import labels_for_task
-    from SpineContextSegLib.inference.postprocess import UNCERTAIN_PROBABILITY, clean_probability, grow_to_cortical_edge, spine_components, threshold_with_bone_evidence
+    from SpineContextSegLib.inference.postprocess import UNCERTAIN_PROBABILITY, clean_probability, spine_components
     from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, probability_on_input_grid, to_canonical
     from SpineContextSegLib.inference.stitcher import padded_shape_for, sliding_window_inference, tile_grid
     from SpineContextSegLib.io.meshing import foreground_bounding_box
@@ -258,25 +258,14 @@ def segment_image(
             region, block = probability_on_input_grid(probability_image, image, min(threshold, UNCERTAIN_PROBABILITY), within=near_spine)
         else:
             region, block = probability_on_input_grid(probability_image, image, threshold)
-        # the network's outline is needed as an image to threshold (its own outline) or to split
-        # and name the vertebrae on; the moved outline is worked out inside the box, plus the
-        # one voxel the cortical edge may add
+        # the network's own outline as an image: the result when it is kept, or what the
+        # vertebrae are split and named on
         network_mask = _mask_image(block >= threshold, region, image) if not options.cortical_edge or options.task == "vertebrae" else None
         if not options.cortical_edge:
             return network_mask, None
-        size = image.GetSize()[::-1]
-        padded = tuple(slice(max(0, part.start - 1), min(n, part.stop + 1)) for part, n in zip(region, size))
-        inner = tuple(slice(part.start - outer.start, part.stop - outer.start) for part, outer in zip(region, padded))
-        ct_hu = sitk.GetArrayViewFromImage(image)[padded]
-        # the network's unsure voxels where the CT shows bone, then the cortical edge: one CT voxel
-        bone_mask = np.zeros(ct_hu.shape, dtype=bool)
-        bone_mask[inner] = threshold_with_bone_evidence(block, ct_hu[inner], threshold=threshold)
-        grown = grow_to_cortical_edge(bone_mask, ct_hu, image.GetSpacing()[::-1], distance_mm=max(grid_spacing_mm))
-        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        network_count, bone_count = np.count_nonzero(block >= threshold), np.count_nonzero(bone_mask)
-        postprocess_info["uncertain_bone_ml"] = round((bone_count - network_count) * voxel_ml, 2)
-        postprocess_info["cortical_edge_ml"] = round((np.count_nonzero(grown) - bone_count) * voxel_ml, 2)
-        return network_mask, _mask_image(grown, padded, image)
+        grown, grown_box, added_ml = _outline_moved_to_bone(block, region, image, threshold=threshold, distance_mm=max(grid_spacing_mm))
+        postprocess_info.update(added_ml)
+        return network_mask, _mask_image(grown, grown_box, image)
 
     postprocess_info: Dict[str, object] = {}
     network_mask, moved_mask = timer.run("postprocess", postprocess)
@@ -330,6 +319,43 @@ def _spine_probability_and_votes(network_output: np.ndarray, card_labels: List[D
     votes = classes_to_verse_ids(classes, class_ids)
     votes[network_output[0] >= 0.5] = 0
     return spine_probability, votes
+
+
+def _outline_moved_to_bone(
+    probability: np.ndarray, region: Tuple[slice, ...], image: "sitk.Image", *, threshold: float, distance_mm: float
+) -> Tuple[np.ndarray, Tuple[slice, ...], Dict[str, float]]:
+    """The network's outline (``probability >= threshold`` in ``region`` of ``image``'s array) moved to the bone the CT shows.
+
+    First the voxels the network is unsure of where the CT shows bone
+    (:func:`~SpineContextSegLib.inference.postprocess.threshold_with_bone_evidence`), then the
+    cortical edge, one CT voxel beyond (:func:`~SpineContextSegLib.inference.postprocess.grow_to_cortical_edge`).
+
+    Returns
+    -------
+    grown : bool array
+        The moved mask on ``box``.
+    box : tuple of 3 slices
+        ``region`` plus the one voxel the cortical edge may add (clipped to the image).
+    added_ml : dict
+        ``uncertain_bone_ml`` and ``cortical_edge_ml``: what each step added, ml.
+    """
+    import SimpleITK as sitk
+
+    from SpineContextSegLib.inference.postprocess import grow_to_cortical_edge, threshold_with_bone_evidence
+
+    box = tuple(slice(max(0, part.start - 1), min(n, part.stop + 1)) for part, n in zip(region, image.GetSize()[::-1]))
+    inner = tuple(slice(part.start - outer.start, part.stop - outer.start) for part, outer in zip(region, box))
+    ct_hu = sitk.GetArrayViewFromImage(image)[box]
+    with_bone = np.zeros(ct_hu.shape, dtype=bool)
+    with_bone[inner] = threshold_with_bone_evidence(probability, ct_hu[inner], threshold=threshold)
+    grown = grow_to_cortical_edge(with_bone, ct_hu, image.GetSpacing()[::-1], distance_mm=distance_mm)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    network_count, bone_count = np.count_nonzero(probability >= threshold), np.count_nonzero(with_bone)
+    added_ml = {
+        "uncertain_bone_ml": round((bone_count - network_count) * voxel_ml, 2),
+        "cortical_edge_ml": round((np.count_nonzero(grown) - bone_count) * voxel_ml, 2),
+    }
+    return grown, box, added_ml
 
 
 def _mask_image(mask: np.ndarray, box: Tuple[slice, ...], reference: "sitk.Image") -> "sitk.Image":

@@ -139,6 +139,13 @@ _TROUBLESHOOTING_NOTES = """\
   finds; with no spine there, it runs every tile. If a spine that is plainly in the image comes
   out missing or cut short (an image whose orientation header is wrong, so that left-right is
   not what the header says), compare with `--all-tiles`, which runs every tile of the body.
+- **The outline follows the bone the CT shows.** After the network, voxels it is unsure of
+  (probability 0.25-0.5) join where the CT is bone (>= 250 HU), then the cortex one CT voxel
+  beyond (>= 400 HU); `info.uncertain_bone_ml` and `info.cortical_edge_ml` say how much. The
+  outline is then about one voxel wider than the network's: closer to manual (VerSe) labels, a
+  little wider than TotalSegmentator's, and wider than the phantom generator's labels (its blur
+  reaches beyond them). To compare with a tool whose outline is tighter, or to see the network's
+  own answer, pass `--no-cortical-edge` (the Slicer module always uses the default).
 """
 
 

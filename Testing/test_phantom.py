@@ -147,6 +147,24 @@ def test_osteoporosis_lowers_vertebral_body_density():
     assert ct_p[labels_p > 0].mean() < ct_h[labels_h > 0].mean() - 40
 
 
+def test_cortical_hu_dims_the_bone_rim_and_leaves_soft_tissue():
+    kwargs = dict(first_level="L1", last_level="L4", spacing_mm=(2.0, 2.0, 2.0), field_of_view="slab", **CLEAN)
+    default = generate_phantom(9, **kwargs)
+    dim = generate_phantom(9, cortical_hu=400.0, **kwargs)
+    ct_d, labels_d = arrays(default)[:2]
+    ct_m, labels_m = arrays(dim)[:2]
+    assert np.array_equal(labels_d, labels_m)
+    assert dim.params["hu"]["cortical"] == 400.0 and default.params["hu"]["cortical"] >= 700.0
+    spine = labels_m > 0
+    rim = spine & ~ndimage.binary_erosion(spine)
+    # the outer voxel layer of the labels is cortex: about 400 HU now (a real vertebra's rim on a
+    # 2 mm grid: 277-403), well below the default's
+    assert 300.0 < np.median(ct_m[rim]) < 500.0 < np.median(ct_d[rim])
+    # away from the labels only other bones' cortex changes (sacrum, pelvis, ribs); soft tissue not
+    changed = (ct_m != ct_d) & ~ndimage.binary_dilation(spine, iterations=3)
+    assert changed.any() and (ct_d[changed] >= 500).all()
+
+
 def test_screws_are_metal_dense():
     kwargs = dict(first_level="L1", last_level="L4", spacing_mm=(3.0, 3.0, 3.0), field_of_view="spine")
     with_screws = generate_phantom(12, screws=["L2", "L3"], **kwargs)

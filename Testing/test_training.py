@@ -267,6 +267,18 @@ def test_phantom_volume_on_the_canonical_grid_equals_the_resampled_phantom():
     assert direct.label.sum() > 100
 
 
+def test_phantom_cortical_hu_draws_each_training_phantom_s_rim_from_the_range():
+    from SpineContextSegLib.training.config import TrainConfig
+    from SpineContextSegLib.training.data import phantom_volume
+
+    default = phantom_volume(3, TrainConfig(spacing_mm=4.0))
+    dim = phantom_volume(3, TrainConfig(spacing_mm=4.0, phantom_cortical_hu=(380.0, 420.0)))
+    again = phantom_volume(3, TrainConfig(spacing_mm=4.0, phantom_cortical_hu=(380.0, 420.0)))
+    assert np.array_equal(dim.label, default.label) and np.array_equal(dim.image, again.image)  # same anatomy; same phantom every run
+    bone = dim.label > 0
+    assert dim.image[bone].max() < default.image[bone].max()  # the cortex, the brightest spine voxels, is dimmer
+
+
 def test_saved_volumes_train_without_simpleitk(data_root, tmp_path):
     """--save-volumes here, then training from that folder in a Python where SimpleITK cannot be imported (a GPU image)."""
     volumes = tmp_path / "volumes"
@@ -314,6 +326,8 @@ def test_train_command_line_reaches_the_config():
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
-    args = parser.parse_args(["--data", "x", "-o", "out", "--lr", "3e-4", "--plateau-patience", "12", "--spacing", "1.8", "--batch-size", "3"])
+    args = parser.parse_args(["--data", "x", "-o", "out", "--lr", "3e-4", "--plateau-patience", "12", "--spacing", "1.8", "--batch-size", "3", "--phantom-cortical-hu", "650", "350"])
     config = command.config_from_args(args)
     assert (config.learning_rate, config.plateau_patience, config.spacing_mm, config.batch_size) == (3e-4, 12, 1.8, 3)
+    assert config.phantom_cortical_hu == (350.0, 650.0)
+    assert command.config_from_args(parser.parse_args(["--data", "x", "-o", "out"])).phantom_cortical_hu is None

@@ -72,6 +72,11 @@ class PhantomOptions:
     streaks_hu : float, optional
         Amplitude (HU) of low-dose streak artefacts (thin dark and bright lines through the
         shoulders and along the table in axial slices); 0: none. Default: 0 (50 %) or 20..80.
+    cortical_hu : float, optional
+        HU of the vertebrae's cortical shell as drawn, before blur (the other bones': 0.9 times
+        it). Default: 700..1200. A real vertebra's
+        shell is thinner than a 1-2 mm voxel, so on such grids its rim looks dimmer than that
+        (277-403 HU one voxel inside real labels on a 2 mm grid: ``scripts/label_rim_profile.py``).
     """
 
     first_level: Optional[Union[int, str]] = None
@@ -94,6 +99,7 @@ class PhantomOptions:
     blur_mm: Optional[float] = None
     anatomy: Optional[str] = None
     streaks_hu: Optional[float] = None
+    cortical_hu: Optional[float] = None
 
 
 ANATOMY_STYLES = ("geometric", "real")
@@ -175,6 +181,8 @@ def _draw_params(rng: np.random.Generator, options: PhantomOptions) -> Dict[str,
         value = getattr(o, key)
         if value is not None:
             p[key] = float(value)
+    if o.cortical_hu is not None:
+        p["hu"]["cortical"] = float(o.cortical_hu)
     if o.contrast is not None:
         p["contrast"] = bool(o.contrast)
     if o.field_of_view is not None:

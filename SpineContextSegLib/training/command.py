@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantoms", type=int, default=d.phantoms, help="synthetic phantom volumes in the training pool")
     parser.add_argument("--phantom-fraction", type=float, default=d.phantom_fraction)
     parser.add_argument("--phantom-refresh", type=int, default=d.phantom_refresh)
+    parser.add_argument(
+        "--phantom-cortical-hu", type=float, nargs=2, metavar=("LOW", "HIGH"),
+        help="draw the phantoms' cortical shell at LOW..HIGH HU (default: the generator's 700..1200; real rims look dimmer on a 2 mm grid)",
+    )
     parser.add_argument("--slab-probability", type=float, default=d.slab_probability, help="share of patches cut to a thin slab")
     parser.add_argument("--scale-range", type=float, nargs=2, default=list(d.scale_range), metavar=("LOW", "HIGH"), help="random isotropic zoom of the patches (< 1 shrinks anatomy)")
     parser.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
@@ -83,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         phantoms=args.phantoms,
         phantom_fraction=args.phantom_fraction,
         phantom_refresh=args.phantom_refresh,
+        phantom_cortical_hu=(min(args.phantom_cortical_hu), max(args.phantom_cortical_hu)) if args.phantom_cortical_hu else None,
         slab_probability=args.slab_probability,
         scale_range=(min(args.scale_range), max(args.scale_range)),
         validation_fraction=args.validation_fraction,

@@ -19,6 +19,8 @@ class TrainConfig:
     phantoms: int = 0  # phantom volumes kept in the pool
     phantom_fraction: float = 0.5  # share of patches drawn from phantoms when both kinds exist
     phantom_refresh: int = 25  # replace one pool phantom every N iterations (0: never)
+    # (low, high) HU range the phantoms' cortical shell is drawn from (None: the generator's 700-1200)
+    phantom_cortical_hu: Optional[Tuple[float, float]] = None
     validation_fraction: float = 0.2
     validation_phantoms: int = 1
     validation_patches: int = 16

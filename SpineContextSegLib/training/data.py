@@ -135,7 +135,10 @@ def phantom_volume(seed: int, config: TrainConfig) -> TrainingVolume:
     """
     from SpineContextSegLib.phantoms.generator import generate_phantom_arrays
 
-    phantom = generate_phantom_arrays(seed, spacing_mm=(config.spacing_mm,) * 3)
+    overrides = {}
+    if config.phantom_cortical_hu is not None:  # drawn from the phantom's own seed: the same phantom every run
+        overrides["cortical_hu"] = float(np.random.default_rng([seed, 1]).uniform(*config.phantom_cortical_hu))
+    phantom = generate_phantom_arrays(seed, spacing_mm=(config.spacing_mm,) * 3, **overrides)
     values = phantom.vertebra_labels if config.task == "vertebrae" else phantom.spine_mask
     hu = phantom.ct.astype(np.float32)
     return training_volume_from_arrays(f"phantom-{seed}", f"phantom-{seed}", hu, values, np.ones(hu.shape, dtype=bool), config, source="phantom")

@@ -74,9 +74,9 @@ class PhantomOptions:
         shoulders and along the table in axial slices); 0: none. Default: 0 (50 %) or 20..80.
     cortical_hu : float, optional
         HU of the vertebrae's cortical shell as drawn, before blur (the other bones': 0.9 times
-        it). Default: 700..1200. A real vertebra's
-        shell is thinner than a 1-2 mm voxel, so on such grids its rim looks dimmer than that
-        (277-403 HU one voxel inside real labels on a 2 mm grid: ``scripts/label_rim_profile.py``).
+        it). Default: 700..1200. A real vertebra's shell is thinner than a 1-2 mm voxel, so on
+        such grids its rim looks dimmer than that (277-403 HU one voxel inside real labels on a
+        2 mm grid: ``scripts/label_rim_profile.py``).
     """
 
     first_level: Optional[Union[int, str]] = None

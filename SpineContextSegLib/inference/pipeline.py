@@ -291,8 +291,8 @@ def segment_image(
             votes[box] = name_votes_crop
             name_votes = sitk.GetImageFromArray(votes)
             name_votes.CopyInformation(canonical)
-        # split and named on the network's own outline (the names were measured on it; the
-        # cortical edge can bridge a disc's rim), then the labels fill the outline moved to the cortex
+        # split and named on the network's own outline (the names were measured on it; the moved
+        # outline can bridge a disc's rim), then the labels fill the outline moved to the bone
         vertebrae, labels = timer.run("label", _name_vertebrae, network_mask, image, reporter, info, name_votes)
         mask = timer.run("label", labels_onto_mask, vertebrae, mask) if mask is not network_mask else vertebrae
     return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)

@@ -1,5 +1,6 @@
 """Probability map -> clean spine mask: threshold, keep the spine's components, fill holes;
-then, on the CT's own grid, the outline moved out to the cortical bone's edge.
+then, on the CT's own grid, the outline moved to the bone the CT shows (unsure voxels that are
+bone, :func:`threshold_with_bone_evidence`; the cortical edge, :func:`grow_to_cortical_edge`).
 
 Post-processing edits the **probability map** on the canonical grid (cheap: few voxels)
 instead of a binary mask, so that the one resampling back to the input grid can stay

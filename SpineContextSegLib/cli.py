@@ -49,6 +49,11 @@ def _add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=1, help="tiles per network call")
     parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's; for comparisons)")
+    parser.add_argument(
+        "--fine-spacing-mm", type=float,
+        help="grid of the second network pass over the column's box, mm (default: the model's, 1.4 for the bundled one; 0: one pass only, faster, "
+        "loses upper thoracic bodies on chest CTs)",
+    )
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     parser.add_argument("--no-crop", action="store_true", help="run the network on the whole field of view, not only the body")
     parser.add_argument(
@@ -73,6 +78,9 @@ def _options_from_args(args: argparse.Namespace):
     spacing_problem = grid_spacing_problem(args.spacing_mm)
     if spacing_problem:
         _usage(f"--spacing-mm: {spacing_problem}")
+    fine_spacing_problem = grid_spacing_problem(args.fine_spacing_mm or None)
+    if fine_spacing_problem:
+        _usage(f"--fine-spacing-mm: {fine_spacing_problem} (or 0 for one pass)")
     if not (math.isfinite(args.roi_margin_mm) and args.roi_margin_mm >= 0.0):
         _usage(f"--roi-margin-mm must be a number >= 0 (mm), got {args.roi_margin_mm}")
     return SegmentOptions(
@@ -83,6 +91,7 @@ def _options_from_args(args: argparse.Namespace):
         precision=args.precision,
         overlap=args.overlap,
         spacing_mm=args.spacing_mm,
+        fine_spacing_mm=args.fine_spacing_mm,
         batch_size=max(1, args.batch_size),
         threshold=args.threshold,
         crop_to_body=not args.no_crop,

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import IO, Any, Dict, Optional
 
-STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "label", "write", "mesh", "qc")
+STAGES = ("read", "preprocess", "network", "stitch", "refine", "postprocess", "label", "write", "mesh", "qc")
 
 
 def encode_message(message: Dict[str, Any]) -> str:

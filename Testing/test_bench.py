@@ -34,14 +34,14 @@ def test_bench_prints_one_row_per_variant_with_speedup_and_dice(tmp_path, tiny_m
     assert table.splitlines()[0].rstrip(" |").endswith("Dice vs default-2mm | Dice vs default-all-tiles")
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[9]) > 0  # total seconds
-        assert cells[11].endswith("x")  # speed-up vs reference
+        assert float(cells[10]) > 0  # total seconds
+        assert cells[12].endswith("x")  # speed-up vs reference
         # the tiny model calls everything foreground, so every variant agrees with the reference
-        assert float(cells[13]) > 0.95 and float(cells[15]) > 0.95  # vs the reference, and vs it at the model's tile
-        assert float(cells[16]) > 0.95 and float(cells[17]) > 0.95  # vs the baselines
-    assert float([c.strip() for c in rows[3].strip("|").split("|")][16]) == 1.0  # a baseline against itself
-    assert float([c.strip() for c in rows[4].strip("|").split("|")][17]) == 1.0
-    assert [c.strip() for c in rows[0].strip("|").split("|")][12] == "-"  # no 1 mm reference in this run
+        assert float(cells[14]) > 0.95 and float(cells[16]) > 0.95  # vs the reference, and vs it at the model's tile
+        assert float(cells[17]) > 0.95 and float(cells[18]) > 0.95  # vs the baselines
+    assert float([c.strip() for c in rows[3].strip("|").split("|")][17]) == 1.0  # a baseline against itself
+    assert float([c.strip() for c in rows[4].strip("|").split("|")][18]) == 1.0
+    assert [c.strip() for c in rows[0].strip("|").split("|")][13] == "-"  # no 1 mm reference in this run
 
 
 def test_ground_truth_dice_scores_against_a_label_map_file(tmp_path):
@@ -145,7 +145,7 @@ def test_repeat_runs_every_variant_but_the_references_n_times_and_keeps_the_fast
                  "--work-dir", str(tmp_path / "work"), "--markdown", str(tmp_path / "bench.md")]) == 0
     assert calls == ["reference", "default", "default", "default"]
     rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "bench.md").read_text().splitlines() if line.startswith("| ct")}
-    assert float(rows["default"][9]) == 4.0 and float(rows["reference"][9]) == 50.0  # the fastest default run, the one reference run
-    assert rows["default"][11] == "12.5x"  # speed-up from the fastest run
+    assert float(rows["default"][10]) == 4.0 and float(rows["reference"][10]) == 50.0  # the fastest default run, the one reference run
+    assert rows["default"][12] == "12.5x"  # speed-up from the fastest run
     with pytest.raises(UsageError, match="--repeat"):
         bench.run(argparse.Namespace(repeat=0, variants="default", baseline="default-2mm"))

@@ -83,7 +83,7 @@ def overall_fraction(message: Dict[str, Any]) -> float:
 
     The network stage dominates; the others are short. Unknown stages count as the network stage.
     """
-    weights = {"read": 3, "preprocess": 5, "network": 70, "stitch": 4, "postprocess": 8, "write": 4, "mesh": 4, "qc": 2}
+    weights = {"read": 3, "preprocess": 5, "network": 55, "stitch": 4, "refine": 15, "postprocess": 8, "write": 4, "mesh": 4, "qc": 2}
     stage = message.get("stage")
     total = max(int(message.get("total") or 0), 1)
     done = min(max(int(message.get("done") or 0), 0), total)

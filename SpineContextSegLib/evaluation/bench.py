@@ -13,8 +13,10 @@ Variants (each run in its own child process so its peak RSS is its own):
                the mask our speed levers (overlap, tile placement, crop, engine) should reproduce
                when the model was trained on another patch than the paper's.
 ``default``    exactly what ``spinecontextseg segment`` does.
-``default-2mm``  model 1.1.0's default: the same weights on a 2 mm grid, the network's outline
-               kept (1.1.1 runs them at 1.8 mm, and segment now moves the outline to the cortex).
+``default-2mm``  model 1.1.0's default: the same weights on a 2 mm grid, one pass, the network's
+               outline kept (1.1.1 runs them at 1.8 mm, and segment now moves the outline to the
+               cortex; 1.1.2 adds the fine pass over the column, ``inference.fine_pass``).
+``default-one-pass``  1.1.1's default: the coarse pass alone (``--fine-spacing-mm 0``).
 ``default-all-tiles``  the default running every tile of the body box instead of only the tiles
                that follow the spine: what the default must reproduce. ``--baseline`` (default:
                these two) adds a Dice column against each.
@@ -40,7 +42,7 @@ from typing import Dict, List, Optional, Sequence
 from SpineContextSegLib import PACKAGE_DIR
 from SpineContextSegLib.errors import SegmentationError, UsageError
 
-STAGES = ("read", "preprocess", "network", "stitch", "postprocess", "write", "mesh")
+STAGES = ("read", "preprocess", "network", "stitch", "refine", "postprocess", "write", "mesh")
 
 #: name -> SegmentOptions overrides (``reference`` is special-cased).
 VARIANTS: Dict[str, Dict[str, object]] = {
@@ -48,7 +50,9 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "reference-1mm": {},
     "reference-model-tile": {},
     "default": {},
-    "default-2mm": {"spacing_mm": 2.0, "cortical_edge": False},
+    "default-2mm": {"spacing_mm": 2.0, "fine_spacing_mm": 0.0, "cortical_edge": False},
+    # 1.1.1's default: the coarse pass alone
+    "default-one-pass": {"fine_spacing_mm": 0.0},
     "default-all-tiles": {"all_tiles": True},
     "onnxruntime-fp32": {"engine": "onnxruntime", "precision": "fp32"},
     "openvino-fp32": {"engine": "openvino", "precision": "fp32"},
@@ -68,7 +72,7 @@ VARIANT_ENVIRONMENT: Dict[str, Dict[str, str]] = {
     "openvino-fp32-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
     "openvino-int8-avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
 }
-DEFAULT_VARIANTS = ("reference", "default", "default-2mm", "default-all-tiles", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
+DEFAULT_VARIANTS = ("reference", "default", "default-one-pass", "default-2mm", "default-all-tiles", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
 DEFAULT_BASELINES = ("default-2mm", "default-all-tiles")
 REFERENCE_PATCH = (64, 128, 128)
 REFERENCE_OVERLAP = 0.5

@@ -241,6 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="spine", choices=("spine", "vertebrae"), help="vertebrae: score vertebra naming (identification rate, Dice per vertebra)")
     parser.add_argument("--threshold", type=float, help="probability threshold (default: the model's); a lever to measure, not a setting to tune per case")
     parser.add_argument("--spacing-mm", type=float, help="isotropic grid the network runs on, mm (default: the model's)")
+    parser.add_argument("--fine-spacing-mm", type=float, help="grid of the second pass over the column's box, mm (default: the model's; 0: one pass)")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the model's)")
     parser.add_argument("--no-cortical-edge", action="store_true", help="keep the network's outline (a lever to measure; see segment --help)")
     parser.add_argument("--no-slab", action="store_true", help="score the whole volume, not only the slab between the labelled vertebrae")
@@ -315,24 +316,26 @@ def run(args: argparse.Namespace) -> int:
         raise SegmentationError("input_not_found", "No labelled cases found in " + ", ".join(args.cases) + ".")
 
     use_slab = not args.no_slab
-    levers = {name: getattr(args, name, None) for name in ("threshold", "spacing_mm", "overlap")}
+    levers = {name: getattr(args, name, None) for name in ("threshold", "spacing_mm", "fine_spacing_mm", "overlap")}
     cortical_edge = not getattr(args, "no_cortical_edge", False)
     if args.pred_dir and (any(value is not None for value in levers.values()) or not cortical_edge):
-        raise UsageError("--threshold, --spacing-mm, --overlap and --no-cortical-edge change a model run; with --pred-dir the predictions are read as they are")
+        raise UsageError("--threshold, --spacing-mm, --fine-spacing-mm, --overlap and --no-cortical-edge change a model run; with --pred-dir the predictions are read as they are")
     if args.pred_dir:
         predict_for = _prediction_reader(args.pred_dir)
     else:
         from SpineContextSegLib.inference.pipeline import SegmentOptions, grid_spacing_problem, load_model_and_engine, segment_image, tile_overlap_problem
 
-        threshold, spacing_mm, overlap = levers["threshold"], levers["spacing_mm"], levers["overlap"]
+        threshold, spacing_mm, fine_spacing_mm, overlap = (levers[name] for name in ("threshold", "spacing_mm", "fine_spacing_mm", "overlap"))
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise UsageError(f"--threshold must be a probability between 0 and 1, got {threshold}")
-        for option, problem in (("--overlap", tile_overlap_problem(overlap)), ("--spacing-mm", grid_spacing_problem(spacing_mm))):
+        for option, problem in (
+            ("--overlap", tile_overlap_problem(overlap)), ("--spacing-mm", grid_spacing_problem(spacing_mm)), ("--fine-spacing-mm", grid_spacing_problem(fine_spacing_mm or None)),
+        ):
             if problem:
                 raise UsageError(f"{option}: {problem}")
         options = SegmentOptions(
             model_dir=args.model, device=args.device, engine=getattr(args, "engine", "auto"), task=getattr(args, "task", "spine"), threshold=threshold, spacing_mm=spacing_mm,
-            overlap=overlap, cortical_edge=cortical_edge,
+            fine_spacing_mm=fine_spacing_mm, overlap=overlap, cortical_edge=cortical_edge,
         )
         bundle, engine = load_model_and_engine(options)  # once, outside the timed predictions
 

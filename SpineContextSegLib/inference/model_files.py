@@ -12,6 +12,8 @@ spacing_mm        canonical grid spacing, (x, y, z) = (L, P, S) mm
 hu_window         HU mapped to [0, 1]
 patch_size        tile size in numpy order (D, H, W) = (S, P, L) voxels
 overlap           default tile overlap
+fine_spacing_mm   optional grid (mm) of a second pass over the column's box
+                  (``inference.fine_pass``); absent or null: one pass
 threshold         probability threshold for the binary task
 onnx_sha256       checksum of model.onnx; loading refuses a mismatch
 trained           false for randomly initialised weights (tests, placeholders)
@@ -59,6 +61,7 @@ class ModelCard:
     onnx_sha256: str = ""
     architecture_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     threshold: float = 0.5
+    fine_spacing_mm: Optional[float] = None
     trained: bool = False
     training_data: str = ""
     training: Dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SpineContextSegLib.inference.fine_pass import add_fine_pass, column_box, fine_grid_over
+from SpineContextSegLib.inference.fine_pass import add_fine_pass, body_centres_mm, column_box, fine_grid_over, tiles_along_the_bodies
 from SpineContextSegLib.inference.model_files import ModelCard
 from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_image
 from SpineContextSegLib.inference.preprocessing import physical_corners
@@ -82,19 +82,48 @@ def test_the_fine_pass_keeps_the_larger_probability_inside_the_box_only():
     engine = SizeAwareEngine()
     probability = engine.predict(((sitk.GetArrayFromImage(coarse) + 1000.0) / 3000.0)[None, None])[0, 0].astype(np.float32)
     before = probability.copy()
-    box = (slice(2, 18), slice(0, 15), slice(0, 15))
+    kept = probability >= 0.5  # the rod: x, y 20-40 mm = coarse voxels 5-9, every slice
+    kept[:2] = kept[18:] = False  # the column ends 8 mm above and below the scan's ends
+    box = column_box(kept, (4.0, 4.0, 4.0))
+    assert box == (slice(0, 20), slice(2, 13), slice(2, 13))
     ct_before = sitk.GetArrayFromImage(ct).copy()
-    info = add_fine_pass(probability, coarse, ct, box, engine.predict, fine_spacing_mm=1.0, patch_size=(16, 32, 32), overlap=0.25, hu_window=(-1000.0, 2000.0))
+    info = add_fine_pass(probability, coarse, ct, kept, engine.predict, fine_spacing_mm=1.0, patch_size=(16, 64, 64), overlap=0.25, hu_window=(-1000.0, 2000.0))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(ct), ct_before)  # the CT is only read
     assert (probability >= before).all()  # the larger of the two passes
     outside = np.ones(probability.shape, bool)
     outside[box] = False
     np.testing.assert_array_equal(probability[outside], before[outside])
-    # the plate (coarse slices 9 and 10: z 36-44 mm), lost on the 4 mm grid, found by the 1 mm pass
+    # the plate (coarse slices 9 and 10: z 36-44 mm), lost on the 4 mm grid, found by the 1 mm
+    # pass: its tiles, 64 mm square, centre on the rod's front 40 mm and hold the whole plate
     plate = (slice(9, 11), slice(3, 5), slice(3, 5))
     assert (before[plate] < 0.5).all() and (probability[plate] >= 0.5).all()
-    assert info["spacing_mm"] == 1.0 and info["tiles"] > 0 and info["added_ml"] > 0
-    assert info["shape_zyx"] == [64, 60, 60]  # 16 x 15 x 15 voxels of 4 mm on a 1 mm grid
+    assert info["spacing_mm"] == 1.0 and info["added_ml"] > 0
+    assert info["shape_zyx"] == [80, 44, 44]  # 20 x 11 x 11 voxels of 4 mm on a 1 mm grid
+    assert info["tiles"] == 7  # 80 slices in tiles of 16 at a step of at most 12, one tile per step
+
+
+def test_the_bodies_are_the_columns_front_and_the_tiles_follow_them_along_a_curve():
+    coarse = _coarse_grid(shape_zyx=(40, 50, 50), spacing_mm=2.0, origin=(0.0, 0.0, 0.0))
+    kept = np.zeros((40, 50, 50), bool)
+    for z in range(40):
+        front = 5 + z // 2  # the column leans back by 1 mm per slice of 2 mm
+        kept[z, front : front + 30, 20:30] = True  # 60 mm deep, 20 mm wide, x 40-58 mm
+    centres = body_centres_mm(kept, coarse, body_depth_mm=40.0)
+    assert centres.shape == (40, 3)
+    np.testing.assert_allclose(centres[:, 0], 2.0 * 24.5)  # the mean of x voxels 20-29
+    np.testing.assert_allclose(centres[:, 1], 2.0 * (5 + np.arange(40) // 2 + 9.5))  # 20 voxels behind the front: the middle of the first 20
+    np.testing.assert_allclose(centres[:, 2], 2.0 * np.arange(40))
+    fine = fine_grid_over(coarse, (slice(0, 40), slice(0, 50), slice(0, 50)), 1.0)  # 80 x 100 x 100 voxels of 1 mm
+    tiles = tiles_along_the_bodies(centres, fine, (32, 32, 32), 0.25)
+    assert [t[0].start for t in tiles] == [0, 24, 48]  # the regular steps along z
+    for tile in tiles:
+        assert all(part.stop - part.start == 32 for part in tile)
+        inside = (centres[:, 2] - fine.GetOrigin()[2] >= tile[0].start) & (centres[:, 2] - fine.GetOrigin()[2] < tile[0].stop)
+        y_centre = np.median(centres[inside, 1]) - fine.GetOrigin()[1]
+        assert abs((tile[1].start + tile[1].stop) / 2 - y_centre) <= 1.0  # centred on its own slices' bodies
+    assert tiles[2][1].start > tiles[0][1].start  # following the lean
+    # a tile that would hang out of the grid is moved in
+    assert tiles_along_the_bodies(np.array([[0.0, 0.0, 40.0]]), fine, (32, 32, 32), 0.25)[0][1:] == (slice(0, 32), slice(0, 32))
 
 
 def _with_fine_pass(bundle, fine_spacing_mm):
@@ -105,7 +134,7 @@ def _with_fine_pass(bundle, fine_spacing_mm):
 def test_segment_runs_the_fine_pass_the_card_asks_for_and_finds_what_the_coarse_grid_loses(bundle):
     ct = _plate_ct()
     plate = _plate(ct)
-    options = dict(min_spine_ml=0.1, cortical_edge=False)
+    options = dict(min_spine_ml=0.1, cortical_edge=False, patch_size=[16, 64, 64])  # in-plane, a fine tile holds the whole plate
     one_pass = segment_image(ct, SegmentOptions(**options), bundle=bundle, engine=SizeAwareEngine())
     _with_fine_pass(bundle, 1.0)
     two_passes = segment_image(ct, SegmentOptions(**options), bundle=bundle, engine=SizeAwareEngine())

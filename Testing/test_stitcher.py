@@ -154,3 +154,30 @@ def test_following_runs_every_tile_when_told_to_and_leaves_zeros_where_none_ran(
     assert np.all(nothing_grows[:, :, :, 75:] == 0.0) and nothing_grows[0, 0:5, 20:30, 45].min() > 0.5  # never ran: 0; the start ran
     with pytest.raises(ValueError, match="shape"):
         sliding_window_inference(volume, _position_dependent_predict, patch, start_region=start[:, :, :10])
+
+
+def test_explicit_tiles_blend_like_the_tiling_where_they_run_and_leave_zeros_elsewhere():
+    rng = np.random.default_rng(3)
+    volume = rng.random((1, 40, 30, 30)).astype(np.float32)
+
+    def position_network(batch):  # an output that depends on where a tile sits: its own input
+        return batch * 2.0
+
+    patch = (16, 16, 16)
+    grid = tile_grid((40, 30, 30), patch, 0.25)
+    regular = sliding_window_inference(volume, position_network, patch, overlap=0.25)
+    np.testing.assert_allclose(sliding_window_inference(volume, position_network, patch, tiles=grid), regular, rtol=1e-6)
+    # one column of tiles along z, shifted in-plane by a few voxels per step
+    column = [(slice(z, z + 16), slice(2 + z // 8, 18 + z // 8), slice(5, 21)) for z in (0, 12, 24)]
+    calls = []
+    out = sliding_window_inference(volume, lambda b: calls.append(1) or position_network(b), patch, tiles=column)
+    assert len(calls) == 3
+    covered = np.zeros((40, 30, 30), bool)
+    for tile in column:
+        covered[tile] = True
+    assert (out[0][~covered] == 0).all()
+    np.testing.assert_allclose(out[0][covered], 2.0 * volume[0][covered], rtol=1e-5)  # every covering tile says 2x the input
+    with pytest.raises(ValueError, match="not a"):
+        sliding_window_inference(volume, position_network, patch, tiles=[(slice(0, 16), slice(0, 16), slice(20, 36))])  # hangs out
+    with pytest.raises(ValueError, match="not a"):
+        sliding_window_inference(volume, position_network, patch, tiles=[(slice(0, 8), slice(0, 16), slice(0, 16))])  # too short

@@ -252,7 +252,7 @@ def segment_image(
     if card.task == "spine" and fine_spacing_mm and fine_spacing_mm < min(grid_spacing_mm):
 
         def fine_pass() -> None:
-            from SpineContextSegLib.inference.fine_pass import add_fine_pass, column_box
+            from SpineContextSegLib.inference.fine_pass import add_fine_pass
 
             try:
                 _, kept, _ = spine_components(
@@ -261,8 +261,6 @@ def segment_image(
                 )
             except SegmentationError:
                 return  # no column to refine: the post-processing says so
-            column = column_box(kept, spacing_zyx)
-            del kept
             if options.task == "vertebrae":
                 names_probability[0] = probability.copy()
 
@@ -271,7 +269,7 @@ def segment_image(
                 stop()
 
             postprocess_info["fine_pass"] = add_fine_pass(
-                probability, canonical, image, column, timed_predict, fine_spacing_mm=fine_spacing_mm, patch_size=patch_size, overlap=overlap,
+                probability, canonical, image, kept, timed_predict, fine_spacing_mm=fine_spacing_mm, patch_size=patch_size, overlap=overlap,
                 hu_window=tuple(card.hu_window), threshold=threshold, on_tile=on_fine_tile,
             )
 

@@ -103,6 +103,7 @@ def sliding_window_inference(
     on_tile: Optional[Callable[[int, int], None]] = None,
     start_region: Optional[np.ndarray] = None,
     grow_region: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None,
+    tiles: Optional[Sequence[Tuple[slice, ...]]] = None,
 ) -> np.ndarray:
     """Predict a whole volume tile by tile and blend the tiles with Gaussian weights.
 
@@ -130,6 +131,9 @@ def sliding_window_inference(
         ``None`` for every tile.
         Rounds repeat until it asks for no tile that has not run. Meant for sigmoid outputs,
         where 0 means "nothing here" (a softmax's background channel would need 1).
+    tiles : sequence of slice tuples, optional
+        The tiles to run instead of the regular tiling: each ``patch_size`` long and inside the
+        padded volume (e.g. tiles that follow a curved column). Voxels no tile covers are 0.
 
     Returns
     -------
@@ -144,7 +148,13 @@ def sliding_window_inference(
     if padded_shape != spatial:
         padding = [(0, 0)] + [(0, p - s) for s, p in zip(spatial, padded_shape)]
         volume = np.pad(volume, padding, mode="constant", constant_values=pad_value)
-    tiles = tile_grid(padded_shape, patch_size, overlap)
+    if tiles is None:
+        tiles = tile_grid(padded_shape, patch_size, overlap)
+    else:
+        tiles = [tuple(tile) for tile in tiles]
+        for tile in tiles:
+            if [part.stop - part.start for part in tile] != list(patch_size) or any(part.start < 0 or part.stop > n for part, n in zip(tile, padded_shape)):
+                raise ValueError(f"tile {tile} is not a {tuple(patch_size)} tile inside the padded volume {padded_shape}")
     importance = gaussian_importance_map(patch_size, sigma_scale)
     accumulated = np.zeros((out_channels,) + padded_shape, dtype=np.float32)
     weight_sum = np.zeros(padded_shape, dtype=np.float32)

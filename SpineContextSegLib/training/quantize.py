@@ -93,17 +93,17 @@ def resolve_cases(paths: Sequence[str]) -> List[Tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- calibration
-def network_input_volume(image, card) -> np.ndarray:
+def network_input_volume(image, card, spacing_mm: Optional[float] = None) -> np.ndarray:
     """What ``segment`` feeds the stitcher: ``(D, H, W)`` float32 in [0, 1] on the canonical grid, body-cropped.
 
     ``image``: a CT in HU (``sitk.Image``); ``card``: the :class:`~.model_files.ModelCard`
-    (``spacing_mm``, ``hu_window``).
+    (``spacing_mm``, ``hu_window``); ``spacing_mm``: another isotropic grid (the fine pass's).
     """
     import SimpleITK as sitk
 
     from SpineContextSegLib.inference.preprocessing import body_bounding_box, hu_to_unit_interval, to_canonical
 
-    canonical = to_canonical(image, card.spacing_mm, method="linear")
+    canonical = to_canonical(image, [spacing_mm] * 3 if spacing_mm else card.spacing_mm, method="linear")
     hu = sitk.GetArrayViewFromImage(canonical)  # a view: ``canonical`` must outlive it
     volume = hu_to_unit_interval(hu[body_bounding_box(hu)], tuple(card.hu_window))
     del hu, canonical
@@ -143,27 +143,31 @@ def calibration_tiles(
     from SpineContextSegLib.phantoms.generator import generate_phantom
 
     patch_size = [int(p) for p in card.patch_size]
+    # the grids the network runs on: the card's, and the fine pass's (inference.fine_pass)
+    grids: List[Optional[float]] = [None] + ([float(card.fine_spacing_mm)] if card.fine_spacing_mm else [])
     tiles: List[np.ndarray] = []
+
+    def add_tiles(name: str, image) -> None:
+        for spacing_mm in grids:
+            volume = network_input_volume(image, card, spacing_mm)
+            picked = tiles_of_volume(volume, patch_size, card.overlap, tiles_per_volume, card.hu_window)
+            log(f"calibration: {name}: {len(picked)} tiles of {volume.shape}")
+            tiles.extend(picked)
+
     for name, path in cases:
-        volume = network_input_volume(read_image(path), card)
-        picked = tiles_of_volume(volume, patch_size, card.overlap, tiles_per_volume, card.hu_window)
-        log(f"calibration: {name}: {len(picked)} tiles of {volume.shape}")
-        tiles += picked
+        add_tiles(name, read_image(path))
     seeds = [PHANTOM_SEED_BASE + i for i in range(phantoms)]
     for seed in seeds:
         # phantoms drawn near the model's spacing: cheap to draw, and resampled like any CT
-        phantom = generate_phantom(seed, spacing_mm=[float(s) for s in card.spacing_mm])
-        volume = network_input_volume(phantom.ct, card)
-        picked = tiles_of_volume(volume, patch_size, card.overlap, tiles_per_volume, card.hu_window)
-        log(f"calibration: phantom {seed}: {len(picked)} tiles of {volume.shape}")
-        tiles += picked
+        add_tiles(f"phantom {seed}", generate_phantom(seed, spacing_mm=[float(s) for s in card.spacing_mm]).ct)
     description = {
         "cases": [name for name, _ in cases],
         "phantom_seeds": seeds,
         "tiles": len(tiles),
         "tile_size_zyx": patch_size,
         "tiles_per_volume": tiles_per_volume,
-        "selection": "the stitcher's tiles (card overlap) of the body-cropped canonical volume, evenly spread over bone content",
+        "grids_mm": [float(card.spacing_mm[0])] + grids[1:],
+        "selection": "the stitcher's tiles (card overlap) of the body-cropped canonical volume on each grid the network runs on, evenly spread over bone content",
     }
     return tiles, description
 

@@ -64,6 +64,24 @@ def test_quantize_writes_a_loadable_int8_model_listed_with_its_checksum(quantize
         assert out.shape == (1, 1, *bundle.card.patch_size) and np.all((out >= 0) & (out <= 1))
 
 
+def test_calibration_takes_tiles_from_every_grid_the_network_runs_on(tiny_model_dir):
+    from SpineContextSegLib.phantoms.generator import generate_phantom
+    from SpineContextSegLib.training.quantize import PHANTOM_SEED_BASE, calibration_tiles, network_input_volume, tiles_of_volume
+
+    card = load_model(tiny_model_dir).card
+    one_grid, one_info = calibration_tiles(card, [], phantoms=1, tiles_per_volume=3)
+    card.fine_spacing_mm = 3.0  # a fine pass's grid (the tiny model runs at 4 mm)
+    two_grids, two_info = calibration_tiles(card, [], phantoms=1, tiles_per_volume=3)
+    assert one_info["grids_mm"] == [4.0] and two_info["grids_mm"] == [4.0, 3.0]
+    assert len(one_grid) == 3 and len(two_grids) == 6 == two_info["tiles"]
+    for a, b in zip(one_grid, two_grids[:3]):  # the card's grid first, unchanged
+        np.testing.assert_array_equal(a, b)
+    phantom = generate_phantom(PHANTOM_SEED_BASE, spacing_mm=[float(s) for s in card.spacing_mm])
+    fine = tiles_of_volume(network_input_volume(phantom.ct, card, 3.0), card.patch_size, card.overlap, 3, card.hu_window)
+    for a, b in zip(fine, two_grids[3:]):  # then the same phantom on the fine grid
+        np.testing.assert_array_equal(a, b)
+
+
 def test_int8_without_an_int8_model_is_a_clear_error(tmp_path, tiny_model_dir, sample_ct_path, capsys):
     status = main([
         "segment", sample_ct_path, "-o", str(tmp_path / "mask.nii.gz"), "--model", tiny_model_dir, "--precision", "int8", "--engine", "onnxruntime", "--progress", "none",

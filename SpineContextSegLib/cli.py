@@ -234,6 +234,7 @@ def _run_mesh(args: argparse.Namespace, reporter, stop) -> int:
 
 def _run_export(args: argparse.Namespace, reporter, stop) -> int:
     from SpineContextSegLib.inference.model_files import export_checkpoint
+    from SpineContextSegLib.inference.pipeline import grid_spacing_problem
 
     overrides = {}
     if args.patch:
@@ -246,6 +247,11 @@ def _run_export(args: argparse.Namespace, reporter, stop) -> int:
         if args.spacing <= 0:
             raise UsageError(f"--spacing must be a positive number of mm, not {args.spacing}")
         overrides["spacing_mm"] = [float(args.spacing)] * 3
+    if args.fine_spacing_mm:
+        problem = grid_spacing_problem(args.fine_spacing_mm)
+        if problem:
+            raise UsageError(f"--fine-spacing-mm: {problem}")
+        overrides["fine_spacing_mm"] = float(args.fine_spacing_mm)
     if args.version:
         overrides["version"] = args.version
     bundle = export_checkpoint(args.checkpoint, args.output, **overrides)
@@ -336,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--spacing", type=float, metavar="MM",
         help="isotropic grid (mm) the model runs on, recorded in the card (default: the training spacing); "
         "a finer grid shows the network larger-looking vertebrae (see docs/model-card.md)",
+    )
+    export.add_argument(
+        "--fine-spacing-mm", type=float, metavar="MM",
+        help="grid of the second pass along the column's bodies, recorded in the card (default: none; the bundled model: 1.4, with --spacing 1.8)",
     )
     export.add_argument("--version", help="model version recorded in the card (default: the checkpoint's)")
     export.set_defaults(run=_run_export)

@@ -197,9 +197,9 @@ def test_bad_usage_exits_2():
 def test_a_grid_spacing_outside_what_a_network_can_run_on_is_a_usage_error(tmp_path, tiny_model_dir):
     ct = tmp_path / "ct.nii.gz"
     sitk.WriteImage(make_ct_image(), str(ct))
-    for value in ("0.1", "nan", "-2"):
-        completed = run_cli("segment", str(ct), "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, "--spacing-mm", value)
-        assert completed.returncode == 2 and "--spacing-mm" in completed.stderr and "Traceback" not in completed.stderr
+    for option, value in (("--spacing-mm", "0.1"), ("--spacing-mm", "nan"), ("--spacing-mm", "-2"), ("--fine-spacing-mm", "-1"), ("--fine-spacing-mm", "0.1")):
+        completed = run_cli("segment", str(ct), "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, option, value)
+        assert completed.returncode == 2 and option in completed.stderr and "Traceback" not in completed.stderr
     assert sorted(os.listdir(tmp_path)) == ["ct.nii.gz"]
     completed = run_cli("segment", str(ct), "-o", str(tmp_path / "m.nii.gz"), "--model", tiny_model_dir, "--spacing-mm", "4", "--progress", "json")
     assert completed.returncode == 0

@@ -137,13 +137,15 @@ def test_export_onnx_command_writes_a_loadable_model_from_a_checkpoint(tmp_path,
     state = torch.load(os.path.join(tiny_model_dir, "model.pt"), weights_only=False)
     checkpoint = tmp_path / "ckpt.pt"
     torch.save({"state_dict": state["state_dict"], "card": card}, checkpoint)
-    assert main(["export-onnx", str(checkpoint), "-o", str(tmp_path / "exported"), "--version", "9.8.7", "--overlap", "0.3", "--spacing", "3.2"]) == 0
+    assert main(["export-onnx", str(checkpoint), "-o", str(tmp_path / "exported"), "--version", "9.8.7", "--overlap", "0.3", "--spacing", "3.2", "--fine-spacing-mm", "2.5"]) == 0
     exported = load_model(str(tmp_path / "exported"))
     assert exported.card.version == "9.8.7" and exported.card.overlap == 0.3
     assert exported.card.spacing_mm == [3.2, 3.2, 3.2] and card["spacing_mm"] != [3.2, 3.2, 3.2]
-    with pytest.raises(SystemExit) as refused:
-        main(["export-onnx", str(checkpoint), "-o", str(tmp_path / "refused"), "--spacing", "0"])
-    assert refused.value.code == 2 and not (tmp_path / "refused").exists()
+    assert exported.card.fine_spacing_mm == 2.5 and card.get("fine_spacing_mm") is None
+    for bad in (["--spacing", "0"], ["--fine-spacing-mm", "-1"]):
+        with pytest.raises(SystemExit) as refused:
+            main(["export-onnx", str(checkpoint), "-o", str(tmp_path / "refused"), *bad])
+        assert refused.value.code == 2 and not (tmp_path / "refused").exists()
     x = np.random.default_rng(2).random((1, 1, 16, 32, 32), dtype=np.float32)
     original = create_engine(load_model(tiny_model_dir), engine="onnxruntime", device="cpu").predict(x)
     again = create_engine(exported, engine="onnxruntime", device="cpu").predict(x)

@@ -320,16 +320,19 @@ def test_threshold_grid_and_overlap_reach_the_model_run_and_bad_values_are_usage
     seen = []
 
     def fake_segment_image(ct_img, options, bundle=None, engine=None):
-        seen.append((options.threshold, options.spacing_mm, options.overlap))
+        seen.append((options.threshold, options.spacing_mm, options.overlap, options.fine_spacing_mm))
         mask = sitk.Cast(ct_img > 300, sitk.sitkUInt8)
         return pipeline.SegmentationResult(mask=mask, labels=[], timings_s={}, info={})
 
     monkeypatch.setattr(pipeline, "load_model_and_engine", lambda options: (None, None))
     monkeypatch.setattr(pipeline, "segment_image", fake_segment_image)
-    assert evaluate.run(_parse([str(tmp_path / "data"), "--threshold", "0.4", "--spacing-mm", "2", "--overlap", "0.5"])) == 0
-    assert seen == [(0.4, 2.0, 0.5), (0.4, 2.0, 0.5)]
-    bad = (["--threshold", "1.5"], ["--threshold", "0"], ["--spacing-mm", "0.1"], ["--spacing-mm", "nan"], ["--overlap", "1"], ["--overlap", "-0.1"])
-    for argv in bad + (["--pred-dir", str(pred_dir), "--threshold", "0.4"], ["--pred-dir", str(pred_dir), "--overlap", "0.5"]):
+    assert evaluate.run(_parse([str(tmp_path / "data"), "--threshold", "0.4", "--spacing-mm", "2", "--overlap", "0.5", "--fine-spacing-mm", "0"])) == 0
+    assert seen == [(0.4, 2.0, 0.5, 0.0), (0.4, 2.0, 0.5, 0.0)]
+    bad = (
+        ["--threshold", "1.5"], ["--threshold", "0"], ["--spacing-mm", "0.1"], ["--spacing-mm", "nan"], ["--overlap", "1"], ["--overlap", "-0.1"],
+        ["--fine-spacing-mm", "-1"], ["--fine-spacing-mm", "0.1"],
+    )
+    for argv in bad + (["--pred-dir", str(pred_dir), "--threshold", "0.4"], ["--pred-dir", str(pred_dir), "--overlap", "0.5"], ["--pred-dir", str(pred_dir), "--fine-spacing-mm", "0"]):
         with pytest.raises(UsageError):
             evaluate.run(_parse([str(tmp_path / "data")] + argv))
     assert len(seen) == 2  # refused before any case ran

@@ -40,7 +40,7 @@ class SegmentOptions:
     patch_size: Optional[List[int]] = None
     # isotropic grid the network runs on instead of the card's (comparisons: 1.1.0 ran 1.1.1's weights at 2 mm)
     spacing_mm: Optional[float] = None
-    # grid of the second pass over the column's box (inference.fine_pass); 0 = none
+    # grid of the second network pass, along the column's bodies (inference.fine_pass); 0 = none
     fine_spacing_mm: Optional[float] = None
     batch_size: int = 1
     threshold: Optional[float] = None
@@ -246,10 +246,11 @@ def segment_image(
     postprocess_info: Dict[str, object] = {}
 
     fine_spacing_mm = card.fine_spacing_mm if options.fine_spacing_mm is None else options.fine_spacing_mm
-    # the vertebrae are split and named on the coarse pass's outline: on the chest CTA the
-    # fine pass's whole bodies bridge upper thoracic discs (names right 11/11 -> 7/10)
-    names_probability: List[Optional[np.ndarray]] = [None]
-    if card.task == "spine" and fine_spacing_mm and fine_spacing_mm < min(grid_spacing_mm):
+    run_fine_pass = card.task == "spine" and bool(fine_spacing_mm) and fine_spacing_mm < min(grid_spacing_mm)
+    # the vertebrae are split and named on the coarse pass's outline: on the chest CTA the fine
+    # pass's whole bodies bridge upper thoracic discs (names right 11/11 -> 7/10)
+    names_probability = probability.copy() if run_fine_pass and options.task == "vertebrae" else None
+    if run_fine_pass:
 
         def fine_pass() -> None:
             from SpineContextSegLib.inference.fine_pass import add_fine_pass
@@ -261,8 +262,6 @@ def segment_image(
                 )
             except SegmentationError:
                 return  # no column to refine: the post-processing says so
-            if options.task == "vertebrae":
-                names_probability[0] = probability.copy()
 
             def on_fine_tile(done: int, planned: int) -> None:
                 reporter.stage("refine", done, planned)
@@ -300,8 +299,8 @@ def segment_image(
         # vertebrae are split and named on
         network_mask = _mask_image(block >= threshold, region, image) if not options.cortical_edge or options.task == "vertebrae" else None
         names_mask = network_mask
-        if names_probability[0] is not None:
-            _, coarse_image, _ = cleaned_image(names_probability[0])
+        if names_probability is not None:
+            _, coarse_image, _ = cleaned_image(names_probability)
             coarse_region, coarse_block = probability_on_input_grid(coarse_image, image, threshold)
             names_mask = _mask_image(coarse_block >= threshold, coarse_region, image)
         if not options.cortical_edge:
@@ -333,8 +332,8 @@ def segment_image(
             votes[box] = name_votes_crop
             name_votes = sitk.GetImageFromArray(votes)
             name_votes.CopyInformation(canonical)
-        # split and named on the network's own outline (the names were measured on it; the moved
-        # outline can bridge a disc's rim), then the labels fill the outline moved to the bone
+        # split and named on the network's own outline, the coarse pass's (the names were measured
+        # on it; the moved outline and the fine pass can bridge discs), then the labels fill the mask
         vertebrae, labels = timer.run("label", _name_vertebrae, names_mask, image, reporter, info, name_votes)
         mask = timer.run("label", labels_onto_mask, vertebrae, mask) if mask is not names_mask else vertebrae
     return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)

@@ -384,6 +384,36 @@ def test_label_vertebrae_can_add_the_sacrum_outside_the_mask():
     _assert_anatomical(labels)
 
 
+def test_label_vertebrae_fills_a_wider_fit_mask_with_the_labels_made_on_the_mask():
+    # the pipeline splits and names the network's outline, then the labels fill the outline moved
+    # to the bone (one voxel wider here): what the mask holds keeps its label, every added voxel
+    # takes a label of the vertebra it touches
+    sitk = pytest.importorskip("SimpleITK")
+    ct, mask, _ = make_spine(LUMBAR, sacrum=True)
+    ct_img = sitk.GetImageFromArray(ct)
+    ct_img.SetSpacing((2.0, 2.0, 2.0))
+    mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    mask_img.CopyInformation(ct_img)
+    wider = ndimage.binary_dilation(mask, structure=ndimage.generate_binary_structure(3, 1))
+    wider_img = sitk.GetImageFromArray(wider.astype(np.uint8))
+    wider_img.CopyInformation(ct_img)
+    plain, _ = vertebra_labelling.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=True)
+    filled, info = vertebra_labelling.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=True, fit_mask=wider_img)
+    plain, filled = sitk.GetArrayFromImage(plain), sitk.GetArrayFromImage(filled)
+    np.testing.assert_array_equal(filled[mask], plain[mask])
+    added = wider & ~mask
+    assert (filled[added] > 0).all() and info["unlabelled_ml"] == 0.0
+    assert not ((filled > 0) & (filled != 26) & ~wider).any()  # vertebra labels stay inside the masks
+    for z, y, x in np.argwhere(added & (filled != 26))[::7]:
+        around = plain[max(0, z - 1) : z + 2, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2]
+        assert filled[z, y, x] in set(around[around > 0].tolist())
+    _assert_anatomical(filled)
+    elsewhere = sitk.Image(wider_img)
+    elsewhere.SetOrigin((5.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="fit_mask"):
+        vertebra_labelling.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, fit_mask=elsewhere)
+
+
 def test_label_vertebrae_rejects_an_empty_mask():
     sitk = pytest.importorskip("SimpleITK")
     ct = sitk.Image([20, 20, 20], sitk.sitkFloat32)

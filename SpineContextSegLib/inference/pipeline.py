@@ -333,9 +333,8 @@ def segment_image(
             name_votes = sitk.GetImageFromArray(votes)
             name_votes.CopyInformation(canonical)
         # split and named on the network's own outline, the coarse pass's (the names were measured
-        # on it; the moved outline and the fine pass can bridge discs), then the labels fill the mask
-        vertebrae, labels = timer.run("label", _name_vertebrae, names_mask, image, reporter, info, name_votes)
-        mask = timer.run("label", labels_onto_mask, vertebrae, mask) if mask is not names_mask else vertebrae
+        # on it; the moved outline and the fine pass can bridge discs); the labels fill the mask
+        mask, labels = timer.run("label", _name_vertebrae, names_mask, image, reporter, info, name_votes, None if mask is names_mask else mask)
     return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)
 
 
@@ -414,32 +413,6 @@ def _mask_image(mask: np.ndarray, box: Tuple[slice, ...], reference: "sitk.Image
 MAX_SLICE_MM_FOR_NAMES = 5.0
 
 
-def labels_onto_mask(labels: "sitk.Image", mask: "sitk.Image") -> "sitk.Image":
-    """``labels`` with every unlabelled voxel of ``mask`` given the vertebra it connects to inside ``mask``.
-
-    For a mask a little larger than the one the labels were made from (the outline moved to the
-    cortex): each added voxel takes the label of the nearest vertebra, geodesically. The sacrum
-    (not part of the spine mask) keeps its voxels and gives none; a voxel no vertebra reaches stays 0.
-    """
-    import SimpleITK as sitk
-
-    from SpineContextSegLib.anatomy.split import grow_labels
-    from SpineContextSegLib.io.meshing import foreground_bounding_box
-    from SpineContextSegLib.labels import SACRUM_ID
-
-    array = sitk.GetArrayFromImage(labels)
-    added = (sitk.GetArrayViewFromImage(mask) > 0) & (array == 0)
-    if not added.any():
-        return labels
-    extent = foreground_bounding_box(added | (array > 0))
-    vertebrae = np.where(array[extent] == SACRUM_ID, 0, array[extent])
-    grown = grow_labels(vertebrae, added[extent])
-    array[extent] = np.where(added[extent], grown, array[extent])
-    result = sitk.GetImageFromArray(array)
-    result.CopyInformation(labels)
-    return result
-
-
 def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:
     """Voxel spacing of ``image`` along the image axis closest to the patient's head-foot axis (LPS z), mm."""
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
@@ -447,12 +420,14 @@ def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:
     return float(image.GetSpacing()[axis])
 
 
-def _name_vertebrae(mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None):
-    """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order (see vertebra_labelling.py)."""
+def _name_vertebrae(
+    mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None, fit_mask: Optional["sitk.Image"] = None
+):
+    """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order, filling ``fit_mask`` too (see vertebra_labelling.py)."""
     from SpineContextSegLib.labels import vertebra_by_verse_id
     from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae
 
-    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes)
+    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes, fit_mask=fit_mask)
     info["vertebrae"] = vertebra_info
     confidence = float(vertebra_info.get("confidence", 0.0))
     slice_mm = cranio_caudal_spacing_mm(image)

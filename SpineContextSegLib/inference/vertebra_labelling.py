@@ -85,7 +85,13 @@ def _field_of_view(ct_image: "sitk.Image", reference: "sitk.Image") -> np.ndarra
 
 
 def label_vertebrae(
-    mask_image: "sitk.Image", ct_image: "sitk.Image", *, spacing_mm: Optional[float] = None, include_sacrum: bool = False, name_votes: Optional["sitk.Image"] = None,
+    mask_image: "sitk.Image",
+    ct_image: "sitk.Image",
+    *,
+    spacing_mm: Optional[float] = None,
+    include_sacrum: bool = False,
+    name_votes: Optional["sitk.Image"] = None,
+    fit_mask: Optional["sitk.Image"] = None,
 ) -> Tuple["sitk.Image", Dict[str, object]]:
     """Label every vertebra of a binary spine mask with its VerSe id.
 
@@ -95,7 +101,7 @@ def label_vertebrae(
     (optionally :func:`segment_upper_sacrum`), and the labels come back onto the mask's own
     grid with nearest neighbour. On that grid the labels are then fitted to the mask: mask
     voxels the resampling left unlabelled take the label of the vertebra they connect to
-    (geodesically, inside the mask), voxels outside the mask are cleared (except the sacrum,
+    (geodesically, inside the mask; inside ``fit_mask`` when given), voxels outside the mask are cleared (except the sacrum,
     which is not part of the mask) and every label is made one 26-connected piece (except a
     vertebra that the mask itself holds in pieces). A piece
     of the sacrum that the mask took in below L5 (:func:`caudal_fragment`) is no vertebra:
@@ -116,6 +122,11 @@ def label_vertebrae(
     name_votes : SimpleITK.Image, optional
         A vertebrae network's most probable vertebra per voxel (uint8 VerSe ids, any grid in
         the same physical space), used as naming evidence (see :func:`name_vertebrae`).
+    fit_mask : SimpleITK.Image, optional
+        The mask the labels fill on the way back, on exactly ``mask_image``'s grid (default
+        ``mask_image``): a larger outline of the same spine than the one split and named (the
+        outline moved to the bone), whose extra voxels take the label of the vertebra they
+        connect to. The labels then cover ``mask_image`` | ``fit_mask``.
 
     Returns
     -------
@@ -151,6 +162,9 @@ def label_vertebrae(
     mask_full = sitk.GetArrayViewFromImage(mask_image) != 0
     if not mask_full.any():
         raise SegmentationError("no_spine_found", "The spine mask is empty: there are no vertebrae to label.")
+    if fit_mask is not None and (fit_mask.GetSize() != mask_image.GetSize() or not np.allclose(fit_mask.GetOrigin(), mask_image.GetOrigin()) or not np.allclose(fit_mask.GetSpacing(), mask_image.GetSpacing())):
+        raise ValueError("fit_mask must lie on mask_image's grid (same size, origin and spacing)")
+    filled_full = mask_full if fit_mask is None else mask_full | (sitk.GetArrayViewFromImage(fit_mask) != 0)
     index, size = _working_region(mask_image, mask_full)
     mask_box = _mask_box(mask_full)  # (x, y, z) index and size of the mask's own bounding box
     mask_roi = sitk.Cast(sitk.RegionOfInterest(mask_image, size, index) != 0, sitk.sitkUInt8)
@@ -194,10 +208,11 @@ def label_vertebrae(
     # back onto the mask's grid, in the box of the mask and the labels only
     work_image = sitk.GetImageFromArray(verse_work)
     work_image.CopyInformation(reference)
-    box_index, box_size = _labels_box(verse_work, reference, mask_image, mask_box)
+    box_index, box_size = _labels_box(verse_work, reference, mask_image, mask_box if fit_mask is None else _mask_box(filled_full))
     mask_part = sitk.RegionOfInterest(mask_roi, box_size, [int(i - j) for i, j in zip(box_index, index)]) if _inside(box_index, box_size, index, size) else sitk.Cast(sitk.RegionOfInterest(mask_image, box_size, box_index) != 0, sitk.sitkUInt8)
     on_part = sitk.GetArrayFromImage(resample_to_reference(work_image, mask_part, method="nearest", default_value=0, pixel_type=sitk.sitkUInt8))
-    part_mask = sitk.GetArrayViewFromImage(mask_part) > 0
+    box = tuple(slice(i, i + n) for i, n in zip(box_index[::-1], box_size[::-1]))
+    part_mask = filled_full[box]
     sacrum_part = on_part == SACRUM_ID
     claimed = sacrum_part | (on_part == NOT_A_VERTEBRA)  # no vertebra grows into these
     vertebrae_part = np.where(part_mask & ~claimed, on_part, 0).astype(np.int32)
@@ -211,7 +226,6 @@ def label_vertebrae(
         vertebrae_part[sacrum_part] = SACRUM_ID
         vertebrae_part, _ = keep_largest_pieces(vertebrae_part, several_pieces=pieced)
     out = np.zeros(mask_full.shape, dtype=np.uint8)
-    box = tuple(slice(i, i + n) for i, n in zip(box_index[::-1], box_size[::-1]))
     out[box] = vertebrae_part.astype(np.uint8)
     labels = sitk.GetImageFromArray(out)
     labels.CopyInformation(mask_image)
@@ -222,7 +236,7 @@ def label_vertebrae(
         {
             "working_spacing_mm": round(spacing, 3),
             "discs": len(details["discs"]),
-            "unlabelled_ml": round(float(np.count_nonzero(mask_full[box] & (out[box] == 0))) * voxel_ml, 2),
+            "unlabelled_ml": round(float(np.count_nonzero(filled_full[box] & (out[box] == 0))) * voxel_ml, 2),
             "sacrum_ml": round(float(np.count_nonzero(out[box] == SACRUM_ID)) * voxel_ml, 2),
             "sacral_fragment_in_mask": bool(fragment),
             "labels_present": present,

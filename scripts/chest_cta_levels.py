@@ -8,7 +8,10 @@ the label's body, 9-28). It is a reading by eye, not a label: a name counts as r
 median slice of the front half of its voxels (the body) lies in that name's range, +-1 slice.
 
 For each tile overlap (0.25 = the default, 0.5: the names should not move with the tiles) it runs
-``--task vertebrae`` and prints the names right among T2-L1, each name with the level it sits on.
+``--task vertebrae`` and prints the names right among those it gives in T2-L1, each name with
+the level it sits on, and the vertebrae of the reading that carry their own name (of 12): a
+segment that holds two vertebrae names one of them right and leaves the other without a name,
+which only the second count shows.
 
 Usage: python scripts/chest_cta_levels.py [CASE_DIR] [--model DIR]
        (default CASE_DIR: ../shared/data/real/ts_aorta_crop_T12)
@@ -52,8 +55,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     image = read_image(os.path.join(args.case, "ct.nii.gz"))
     bundle, engine = load_model_and_engine(SegmentOptions(model_dir=args.model, task="vertebrae"))
-    print("| overlap | right (T2-L1) | names (the level each sits on) |")
-    print("|---:|---:|---|")
+    print("| overlap | names right (T2-L1) | vertebrae named right (of 12) | names (the level each sits on) |")
+    print("|---:|---:|---:|---|")
     for overlap in OVERLAPS:
         result = segment_image(image, SegmentOptions(model_dir=args.model, task="vertebrae", overlap=overlap), bundle=bundle, engine=engine)
         labels = sitk.GetArrayFromImage(result.mask)  # z, y, x on the CT's own grid (axial, y anterior -> posterior)
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
                 named += 1
                 right += sits_on == name
             shown.append(name if sits_on == name else f"{name} (on {sits_on})")
-        print(f"| {overlap} | {right}/{named} | {' '.join(shown)} |", flush=True)
+        print(f"| {overlap} | {right}/{named} | {right}/{len(BODY_SLICES)} | {' '.join(shown)} |", flush=True)
     return 0
 
 

@@ -99,11 +99,11 @@ def label_vertebrae(
     a canonical grid (:func:`SpineContextSegLib.inference.preprocessing.canonical_reference`,
     isotropic ``spacing_mm``); there :func:`split_vertebrae` and :func:`name_vertebrae` run
     (optionally :func:`segment_upper_sacrum`), and the labels come back onto the mask's own
-    grid with nearest neighbour. On that grid the labels are then fitted to the mask: mask
-    voxels the resampling left unlabelled take the label of the vertebra they connect to
-    (geodesically, inside the mask; inside ``fit_mask`` when given), voxels outside the mask are cleared (except the sacrum,
-    which is not part of the mask) and every label is made one 26-connected piece (except a
-    vertebra that the mask itself holds in pieces). A piece
+    grid with nearest neighbour. On that grid the labels are then fitted to the mask (and
+    ``fit_mask``): mask voxels the resampling left unlabelled take the label of the vertebra
+    they connect to (geodesically, inside the mask), voxels outside the mask are cleared
+    (except the sacrum, which is not part of the mask) and every label is made one
+    26-connected piece (except a vertebra that the mask itself holds in pieces). A piece
     of the sacrum that the mask took in below L5 (:func:`caudal_fragment`) is no vertebra:
     it joins the sacrum, or stays unlabelled without ``include_sacrum``.
 
@@ -162,8 +162,11 @@ def label_vertebrae(
     mask_full = sitk.GetArrayViewFromImage(mask_image) != 0
     if not mask_full.any():
         raise SegmentationError("no_spine_found", "The spine mask is empty: there are no vertebrae to label.")
-    if fit_mask is not None and (fit_mask.GetSize() != mask_image.GetSize() or not np.allclose(fit_mask.GetOrigin(), mask_image.GetOrigin()) or not np.allclose(fit_mask.GetSpacing(), mask_image.GetSpacing())):
-        raise ValueError("fit_mask must lie on mask_image's grid (same size, origin and spacing)")
+    if fit_mask is not None and (
+        fit_mask.GetSize() != mask_image.GetSize()
+        or not all(np.allclose(getattr(fit_mask, get)(), getattr(mask_image, get)()) for get in ("GetOrigin", "GetSpacing", "GetDirection"))
+    ):
+        raise ValueError("fit_mask must lie on mask_image's grid (same size, origin, spacing and direction)")
     filled_full = mask_full if fit_mask is None else mask_full | (sitk.GetArrayViewFromImage(fit_mask) != 0)
     index, size = _working_region(mask_image, mask_full)
     mask_box = _mask_box(mask_full)  # (x, y, z) index and size of the mask's own bounding box

@@ -368,13 +368,20 @@ def test_label_vertebrae_returns_verse_ids_on_the_input_grid():
         assert ndimage.label(labels == value, structure=np.ones((3, 3, 3)))[1] == 1
 
 
-def test_label_vertebrae_can_add_the_sacrum_outside_the_mask():
+def _lumbar_spine_images():
+    """A lumbar spine with the sacrum (:func:`make_spine`) as SimpleITK images: ``ct, mask, ct_img, mask_img`` (2 mm voxels)."""
     sitk = pytest.importorskip("SimpleITK")
     ct, mask, _ = make_spine(LUMBAR, sacrum=True)
     ct_img = sitk.GetImageFromArray(ct)
     ct_img.SetSpacing((2.0, 2.0, 2.0))
     mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_img.CopyInformation(ct_img)
+    return ct, mask, ct_img, mask_img
+
+
+def test_label_vertebrae_can_add_the_sacrum_outside_the_mask():
+    sitk = pytest.importorskip("SimpleITK")
+    _, mask, ct_img, mask_img = _lumbar_spine_images()
     labels_img, info = vertebra_labelling.label_vertebrae(mask_img, ct_img, spacing_mm=2.0, include_sacrum=True)
     labels = sitk.GetArrayFromImage(labels_img)
     sacrum = labels == 26
@@ -389,11 +396,7 @@ def test_label_vertebrae_fills_a_wider_fit_mask_with_the_labels_made_on_the_mask
     # to the bone (one voxel wider here): what the mask holds keeps its label, every added voxel
     # takes a label of the vertebra it touches
     sitk = pytest.importorskip("SimpleITK")
-    ct, mask, _ = make_spine(LUMBAR, sacrum=True)
-    ct_img = sitk.GetImageFromArray(ct)
-    ct_img.SetSpacing((2.0, 2.0, 2.0))
-    mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    mask_img.CopyInformation(ct_img)
+    _, mask, ct_img, mask_img = _lumbar_spine_images()
     wider = ndimage.binary_dilation(mask, structure=ndimage.generate_binary_structure(3, 1))
     wider_img = sitk.GetImageFromArray(wider.astype(np.uint8))
     wider_img.CopyInformation(ct_img)

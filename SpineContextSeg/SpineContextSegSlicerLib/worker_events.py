@@ -82,7 +82,7 @@ def overall_fraction(message: Dict[str, Any]) -> float:
     """Progress of the whole run in [0, 1], from a stage's progress (stages weighted by typical cost).
 
     The network stage dominates; naming the vertebrae (``label``, per-vertebra runs only) takes
-    about a quarter of such a run. A stage this table does not know reports its own fraction.
+    seconds too, so the bar moves through it. A stage this table does not know reports its own fraction.
     """
     weights = {"read": 3, "preprocess": 5, "network": 55, "stitch": 4, "refine": 15, "postprocess": 8, "label": 10, "write": 4, "mesh": 4, "qc": 2}
     stage = message.get("stage")

@@ -95,9 +95,12 @@ def test_clean_probability_drops_small_islands_and_fills_holes():
     probability[5:25, 5:25, 5:25] = 0.9
     probability[12:16, 12:16, 12:16] = 0.1  # an enclosed hole
     probability[27:29, 27:29, 27:29] = 0.9  # an island of 8 voxels = 8 ml at 10 mm?  use spacing 1 mm -> 0.008 ml
+    probability[26, 27, 27] = probability[4, 10, 10] = 0.4  # faint voxels next to the island and next to the block
     cleaned, info = clean_probability(probability, (1.0, 1.0, 1.0), min_island_ml=0.05, min_spine_ml=1.0)
     assert info["components"] == 2 and info["kept_components"] == 1
     assert cleaned[28, 28, 28] == 0.0
+    # the island's faint rim goes with it (resampled linearly it would leave a shell); the block's stays
+    assert cleaned[26, 27, 27] == 0.0 and cleaned[4, 10, 10] == pytest.approx(0.4)
     assert cleaned[13, 13, 13] == 1.0
     assert cleaned[10, 10, 10] == pytest.approx(0.9)
 

@@ -85,9 +85,14 @@ def spine_components(
     """
     from scipy import ndimage
 
+    from SpineContextSegLib.io.meshing import foreground_bounding_box
+
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
     foreground = probability >= threshold
-    labels, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), dtype=bool))
+    # components are labelled in the foreground's box: a chest CT's canonical grid is mostly
+    # empty, and labelling and counting the whole grid cost 0.1-0.25 s per call
+    box = foreground_bounding_box(foreground) or (slice(0, 0),) * 3
+    labels, count = ndimage.label(foreground[box], structure=np.ones((3, 3, 3), dtype=bool))
     sizes_ml = np.bincount(labels.ravel(), minlength=count + 1)[1:] * voxel_ml
     largest_ml = float(sizes_ml.max()) if count else 0.0
     if largest_ml < min_spine_ml:
@@ -101,7 +106,9 @@ def spine_components(
     if np.isfinite(max_column_offset_mm) and keep.sum() > 1:
         keep = _pieces_on_the_column(labels, keep, sizes_ml, spacing_mm, max_column_offset_mm, every_candidate=every_candidate_column)
     info = {"components": int(count), "kept_components": int(keep.sum()), "spine_ml": round(float(sizes_ml[keep[1:]].sum()), 2)}
-    return foreground, keep[labels], info
+    kept = np.zeros_like(foreground)
+    kept[box] = keep[labels]
+    return foreground, kept, info
 
 
 def clean_probability(
@@ -146,15 +153,19 @@ def clean_probability(
     """
     from scipy import ndimage
 
+    from SpineContextSegLib.io.meshing import foreground_bounding_box
+
     foreground, kept, info = spine_components(
         probability, spacing_mm, threshold=threshold, min_island_ml=min_island_ml, min_spine_ml=min_spine_ml, max_column_offset_mm=max_column_offset_mm
     )
     cleaned = np.where(kept | ~foreground, probability, np.float32(0.0)).astype(np.float32, copy=False)
     # Below-threshold voxels next to a removed island would re-form a thin shell after linear
     # resampling; zero the island's immediate neighbourhood too.
-    removed = foreground & ~kept
-    if removed.any():
-        cleaned[ndimage.binary_dilation(removed, iterations=1) & ~kept] = 0.0
+    removed_box = foreground_bounding_box(foreground & ~kept)
+    if removed_box:
+        near = tuple(slice(max(0, part.start - 1), part.stop + 1) for part in removed_box)
+        removed = foreground[near] & ~kept[near]
+        cleaned[near][ndimage.binary_dilation(removed, iterations=1) & ~kept[near]] = 0.0
     if fill_holes and kept.any():
         # Enclosed holes lie inside the kept mask's bounding box: fill there (1 voxel of margin
         # keeps background that touches the box's faces connected to the outside).

@@ -188,12 +188,48 @@ def test_slices_too_thick_to_show_discs_are_flagged(chest):
     def resampled(image, interpolator):
         return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), thick_spacing, image.GetDirection(), 0, image.GetPixelID())
 
-    warnings = _warnings_of_naming(resampled(chest.ct, sitk.sitkLinear), resampled(chest.spine_mask, sitk.sitkNearestNeighbor))
-    assert "vertebra_slices_too_thick" in warnings
+    thick_ct, thick_mask = resampled(chest.ct, sitk.sitkLinear), resampled(chest.spine_mask, sitk.sitkNearestNeighbor)
+    assert "vertebra_slices_too_thick" in _warnings_of_naming(thick_ct, thick_mask)
+    # the same thick slices resampled back to 2.5 mm (CTChest4 at 1 mm was named C1-C3 without this warning)
+    thin_again = sitk.Resample(thick_ct, chest.ct, sitk.Transform(), sitk.sitkLinear, 0, chest.ct.GetPixelID())
+    assert "vertebra_slices_too_thick" in _warnings_of_naming(thin_again, chest.spine_mask)
+
+
+def _noise_ct(shape_zyx, spacing_xyz, seed=0):
+    """Soft tissue (40 HU) with the scanner noise of a real CT (sd 20 HU), independent per voxel."""
+    rng = np.random.default_rng(seed)
+    image = sitk.GetImageFromArray(np.round(40.0 + 20.0 * rng.standard_normal(shape_zyx)).astype(np.int16))
+    image.SetSpacing(spacing_xyz)
+    return image
+
+
+@pytest.mark.parametrize("interpolator", [sitk.sitkLinear, sitk.sitkNearestNeighbor])
+def test_the_resolved_slice_spacing_sees_through_slices_interpolated_from_thick_ones(interpolator):
+    from SpineContextSegLib.io.validation import resolved_slice_spacing_mm
+
+    thick = _noise_ct((12, 48, 48), (1.0, 1.0, 8.0))
+    assert resolved_slice_spacing_mm(thick) == 8.0
+    # onto 1 mm slices, shifted by a fraction of a slice so the thick slices do not fall on thin ones
+    origin = (0.0, 0.0, 0.37)
+    thin = sitk.Resample(thick, [48, 48, 88], sitk.Transform(), interpolator, origin, (1.0, 1.0, 1.0), thick.GetDirection(), 0, thick.GetPixelID())
+    assert 7.0 <= resolved_slice_spacing_mm(thin) <= 9.0
+    assert resolved_slice_spacing_mm(_noise_ct((88, 48, 48), (1.0, 1.0, 1.0), seed=1)) == 1.0  # as reconstructed
+    noiseless = sitk.Image([48, 48, 88], sitk.sitkInt16) + 40  # nothing to go by: the file's spacing
+    assert resolved_slice_spacing_mm(noiseless) == 1.0
+
+
+def test_the_resolved_slice_spacing_follows_the_head_foot_axis():
+    from SpineContextSegLib.io.validation import resolved_slice_spacing_mm
+
+    thick = _noise_ct((48, 12, 48), (1.0, 8.0, 1.0))  # 8 mm along index axis y ...
+    thick.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))  # ... which runs head-foot (sagittal slabs: index axes P, I, L)
+    assert resolved_slice_spacing_mm(thick) == 8.0
+    thin = sitk.Resample(thick, [48, 88, 48], sitk.Transform(), sitk.sitkLinear, thick.GetOrigin(), (1.0, 1.0, 1.0), thick.GetDirection(), 0, thick.GetPixelID())
+    assert 7.0 <= resolved_slice_spacing_mm(thin) <= 9.0
 
 
 def test_the_cranio_caudal_spacing_follows_the_head_foot_axis_not_the_last_index():
-    from SpineContextSegLib.inference.pipeline import cranio_caudal_spacing_mm
+    from SpineContextSegLib.io.validation import cranio_caudal_spacing_mm
 
     image = sitk.Image(4, 5, 6, sitk.sitkInt16)
     image.SetSpacing((3.0, 0.8, 0.7))

@@ -18,6 +18,7 @@ import numpy as np
 from SpineContextSegLib.errors import Cancelled, SegmentationError
 from SpineContextSegLib.inference.network_constants import DOWNSAMPLING_FACTOR
 from SpineContextSegLib.inference.postprocess import MAX_COLUMN_OFFSET_MM
+from SpineContextSegLib.io.validation import cranio_caudal_spacing_mm, resolved_slice_spacing_mm
 from SpineContextSegLib.progress import ProgressReporter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -429,13 +430,6 @@ def _mask_image(mask: np.ndarray, box: Tuple[slice, ...], reference: "sitk.Image
 MAX_SLICE_MM_FOR_NAMES = 5.0
 
 
-def cranio_caudal_spacing_mm(image: "sitk.Image") -> float:
-    """Voxel spacing of ``image`` along the image axis closest to the patient's head-foot axis (LPS z), mm."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    axis = int(np.argmax(np.abs(direction[2, :])))  # column j of the direction matrix is image axis j in LPS
-    return float(image.GetSpacing()[axis])
-
-
 def _name_vertebrae(
     mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None, fit_mask: Optional["sitk.Image"] = None
 ):
@@ -447,13 +441,20 @@ def _name_vertebrae(
     info["vertebrae"] = vertebra_info
     confidence = float(vertebra_info.get("confidence", 0.0))
     slice_mm = cranio_caudal_spacing_mm(image)
-    if slice_mm > MAX_SLICE_MM_FOR_NAMES:
-        # thoracic discs are 4-6 mm high: thicker slices average them into the bodies, so the
-        # split misses discs and every name after a missed disc is off (CTChest4, 10 mm: L2-L5 for a chest)
+    # thoracic discs are 4-6 mm high: thicker slices average them into the bodies, so the
+    # split misses discs and every name after a missed disc is off (CTChest4, 10 mm: L2-L5 for
+    # a chest; resampled to 1 mm, C1-C3)
+    resolved_mm = slice_mm if slice_mm > MAX_SLICE_MM_FOR_NAMES else resolved_slice_spacing_mm(image)
+    if max(slice_mm, resolved_mm) > MAX_SLICE_MM_FOR_NAMES:
+        spacing_text = (
+            f"The CT's slices are {slice_mm:.1f} mm apart along the spine"
+            if slice_mm > MAX_SLICE_MM_FOR_NAMES
+            else f"The CT's slices are {slice_mm:.1f} mm apart but were interpolated from slices about {resolved_mm:.0f} mm apart along the spine"
+        )
         reporter.warning(
             "vertebra_slices_too_thick",
-            f"The CT's slices are {slice_mm:.1f} mm apart along the spine (more than {MAX_SLICE_MM_FOR_NAMES:g} mm): the discs between "
-            "vertebrae are not resolved, so vertebrae can be merged or split wrongly and their names are unreliable.",
+            f"{spacing_text} (more than {MAX_SLICE_MM_FOR_NAMES:g} mm): the discs between vertebrae are not resolved, "
+            "so vertebrae can be merged or split wrongly and their names are unreliable.",
         )
     # without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
     # vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs

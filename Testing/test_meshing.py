@@ -151,6 +151,33 @@ def test_decimation_keeps_a_closed_surface_with_fewer_triangles():
     assert mass_properties_volume(reduced) == pytest.approx(labels.sum() * np.prod(SPACING), rel=0.10)
 
 
+def test_the_threaded_vtk_backend_gives_the_sequential_surface_point_for_point(monkeypatch):
+    from vtkmodules.vtkCommonCore import vtkSMPTools
+
+    direction = GEOMETRIES["oblique_flipped"]
+    labels = sphere_labels(SHAPE, direction, volume_centre_mm(SHAPE, direction), radius_mm=10.0)
+    labels |= sphere_labels(SHAPE, direction, volume_centre_mm(SHAPE, direction) + 14.0, radius_mm=5.0)  # two parts
+    image = make_image(labels, direction)
+    tools = vtkSMPTools()
+
+    def surface():
+        return surface_arrays(meshing.labelmap_to_surface(image))
+
+    try:
+        monkeypatch.setenv("VTK_SMP_BACKEND_IN_USE", "Sequential")  # the user's choice stays
+        tools.SetBackend("Sequential")
+        sequential = surface()
+        assert tools.GetBackend() == "Sequential"
+        monkeypatch.delenv("VTK_SMP_BACKEND_IN_USE")
+        threaded = surface()
+        assert tools.GetBackend() == "STDThread"
+    finally:
+        tools.SetBackend("STDThread")
+    assert len(sequential[1]) > 1000
+    np.testing.assert_array_equal(sequential[1], threaded[1])
+    np.testing.assert_array_equal(sequential[0], threaded[0])
+
+
 def test_cube_touching_the_volume_border_gives_a_closed_surface():
     labels = np.zeros((12, 14, 16), dtype=np.uint8)
     labels[:7, 3:14, 0:9] = 1  # touches three faces of the volume

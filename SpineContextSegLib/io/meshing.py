@@ -206,6 +206,8 @@ def _mask_to_surface(
     from vtkmodules.util.numpy_support import numpy_to_vtk
     from vtkmodules.vtkCommonDataModel import vtkImageData
 
+    use_every_core()
+
     # Copy the box into a zero block that is _CROP_MARGIN_VOXELS larger on every side:
     # this crops and pads in one step, whether or not the box touches the border.
     margin = _CROP_MARGIN_VOXELS
@@ -230,6 +232,22 @@ def _mask_to_surface(
     surface = _drop_collapsed_parts(surface)
     surface = _transform(surface, index_to_physical)
     return _normals(surface)
+
+
+def use_every_core() -> None:
+    """Let VTK's threaded filters (contouring, smoothing, normals) use every core.
+
+    The VTK wheels from PyPI start on their sequential backend; the threaded one gives the same
+    surface, point for point (the smoothing of a chest CT's spine: 0.34 -> 0.19 s on 2 cores).
+    A backend the user chose (``VTK_SMP_BACKEND_IN_USE``) is left alone.
+    """
+    if os.environ.get("VTK_SMP_BACKEND_IN_USE"):
+        return
+    from vtkmodules.vtkCommonCore import vtkSMPTools
+
+    tools = vtkSMPTools()
+    if tools.GetBackend() == "Sequential":
+        tools.SetBackend("STDThread")
 
 
 def _contour(image, method: str) -> "vtkPolyData":

@@ -21,17 +21,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def cranio_caudal_axis(image) -> int:
-    """The image index axis (x=0, y=1, z=2) closest to the patient's superior direction."""
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    return int(np.argmax(np.abs(direction[2, :])))
-
-
 def main(argv=None) -> int:
     import SimpleITK as sitk
 
     from SpineContextSegLib.evaluation.metrics import identification_rate
     from SpineContextSegLib.io.images import read_image
+    from SpineContextSegLib.io.validation import cranio_caudal_axis
     from SpineContextSegLib.labels import vertebra_by_verse_id
     from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
 

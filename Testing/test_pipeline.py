@@ -505,3 +505,13 @@ def test_segment_moves_the_outline_to_the_cortex_unless_told_not_to(bundle):
     assert "cortical_edge_ml" not in plain.info and "uncertain_bone_ml" not in plain.info
 
 
+
+
+def test_modules_imported_ahead_skip_what_fails_and_import_the_rest(monkeypatch):
+    import sys
+
+    from SpineContextSegLib.inference.pipeline import _import_ahead
+
+    monkeypatch.delitem(sys.modules, "colorsys", raising=False)
+    _import_ahead(("spinecontextseg_no_such_module", "colorsys"))  # a missing module is the later stage's to report
+    assert "colorsys" in sys.modules

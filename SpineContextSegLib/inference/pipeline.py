@@ -104,11 +104,15 @@ _MODULES_FOR_MESH = ("scipy.sparse.csgraph", "vtkmodules.util.numpy_support", "v
 
 
 def _import_ahead(modules: Tuple[str, ...]) -> None:
-    """Import ``modules`` now (in a thread while SimpleITK reads the CT outside the GIL); one that is missing is the later stage's to report."""
+    """Import ``modules`` now (in a thread while SimpleITK reads the CT outside the GIL).
+
+    Best effort: a module that fails here (missing, or an import lock contended by another
+    thread) is imported again by the stage that uses it, which reports what is wrong.
+    """
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - retried, and reported, where the module is used
             pass
 
 

@@ -448,11 +448,11 @@ def _name_vertebrae(
     # thoracic discs are 4-6 mm high: thicker slices average them into the bodies, so the
     # split misses discs and every name after a missed disc is off (CTChest4, 10 mm: L2-L5 for
     # a chest; resampled to 1 mm, C1-C3)
-    resolved_mm = slice_mm if slice_mm > MAX_SLICE_MM_FOR_NAMES else resolved_slice_spacing_mm(image)
-    if max(slice_mm, resolved_mm) > MAX_SLICE_MM_FOR_NAMES:
+    resolved_mm = slice_mm if slice_mm > MAX_SLICE_MM_FOR_NAMES else resolved_slice_spacing_mm(image)  # never below slice_mm
+    if resolved_mm > MAX_SLICE_MM_FOR_NAMES:
         spacing_text = (
             f"The CT's slices are {slice_mm:.1f} mm apart along the spine"
-            if slice_mm > MAX_SLICE_MM_FOR_NAMES
+            if resolved_mm == slice_mm
             else f"The CT's slices are {slice_mm:.1f} mm apart but were interpolated from slices about {resolved_mm:.0f} mm apart along the spine"
         )
         reporter.warning(

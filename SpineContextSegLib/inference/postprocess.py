@@ -161,11 +161,11 @@ def clean_probability(
     cleaned = np.where(kept | ~foreground, probability, np.float32(0.0)).astype(np.float32, copy=False)
     # Below-threshold voxels next to a removed island would re-form a thin shell after linear
     # resampling; zero the island's immediate neighbourhood too.
-    removed_box = foreground_bounding_box(foreground & ~kept)
+    removed = foreground & ~kept
+    removed_box = foreground_bounding_box(removed)
     if removed_box:
         near = tuple(slice(max(0, part.start - 1), part.stop + 1) for part in removed_box)
-        removed = foreground[near] & ~kept[near]
-        cleaned[near][ndimage.binary_dilation(removed, iterations=1) & ~kept[near]] = 0.0
+        cleaned[near][ndimage.binary_dilation(removed[near], iterations=1) & ~kept[near]] = 0.0
     if fill_holes and kept.any():
         # Enclosed holes lie inside the kept mask's bounding box: fill there (1 voxel of margin
         # keeps background that touches the box's faces connected to the outside).

@@ -24,6 +24,7 @@ from SpineContextSegLib.anatomy.naming import name_vertebrae
 from SpineContextSegLib.anatomy.sacrum import segment_upper_sacrum
 from SpineContextSegLib.anatomy.split import _CUBE, grow_labels, keep_largest_pieces, split_vertebrae
 from SpineContextSegLib.errors import SegmentationError
+from SpineContextSegLib.io.grids import check_same_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -162,11 +163,8 @@ def label_vertebrae(
     mask_full = sitk.GetArrayViewFromImage(mask_image) != 0
     if not mask_full.any():
         raise SegmentationError("no_spine_found", "The spine mask is empty: there are no vertebrae to label.")
-    if fit_mask is not None and (
-        fit_mask.GetSize() != mask_image.GetSize()
-        or not all(np.allclose(getattr(fit_mask, get)(), getattr(mask_image, get)()) for get in ("GetOrigin", "GetSpacing", "GetDirection"))
-    ):
-        raise ValueError("fit_mask must lie on mask_image's grid (same size, origin, spacing and direction)")
+    if fit_mask is not None:
+        check_same_grid(fit_mask, mask_image, what="fit_mask", reference_name="mask_image")
     filled_full = mask_full if fit_mask is None else mask_full | (sitk.GetArrayViewFromImage(fit_mask) != 0)
     index, size = _working_region(mask_image, mask_full)
     mask_box = _mask_box(mask_full)  # (x, y, z) index and size of the mask's own bounding box

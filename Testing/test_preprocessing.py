@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from SpineContextSegLib.inference.preprocessing import (
@@ -124,6 +124,7 @@ def test_body_bounding_box_excludes_air_and_keeps_a_margin():
 
 
 @settings(max_examples=15, deadline=None)
+@example(angles=(0.0, 11.0, 1.1125369292536007e-308), flips=(1, 1, 1), spacing=(1.0, 1.0, 1.0))  # denormal cosines: ITK's inverse gave NaN
 @given(
     angles=st.tuples(st.floats(-40, 40), st.floats(-40, 40), st.floats(-180, 180)),
     flips=st.tuples(st.sampled_from([1, -1]), st.sampled_from([1, -1]), st.sampled_from([1, -1])),

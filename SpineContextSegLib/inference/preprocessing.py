@@ -155,11 +155,11 @@ def probability_on_input_grid(
     if extent:
         low_kji = np.array([part.start + box.start for part, box in zip(extent[0], within)]) - 1
         high_kji = np.array([part.stop + box.start for part, box in zip(extent[0], within)])  # last index + 1
-        corners = [
-            reference.TransformPhysicalPointToContinuousIndex(probability.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner[::-1]]))
-            for corner in itertools.product(*zip(low_kji, high_kji))
-        ]
-        corners_ijk = np.array(corners)
+        corners_mm = np.array([probability.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner[::-1]]) for corner in itertools.product(*zip(low_kji, high_kji))])
+        # physical -> reference index in numpy: ITK's inverse (an SVD) fails on direction cosines
+        # with denormal entries (1e-310) and returns NaN, which would lose the whole mask
+        index_to_mm = np.array(reference.GetDirection()).reshape(3, 3) * np.array(reference.GetSpacing())
+        corners_ijk = np.linalg.solve(index_to_mm, (corners_mm - np.array(reference.GetOrigin())).T).T
         size_ijk = np.array(reference.GetSize())
         low = np.clip(np.floor(corners_ijk.min(axis=0)).astype(int) - 1, 0, size_ijk)
         high = np.clip(np.ceil(corners_ijk.max(axis=0)).astype(int) + 2, 0, size_ijk)

@@ -406,6 +406,33 @@ def test_a_column_that_leaves_the_middle_of_the_body_is_followed_and_one_that_ne
     assert (followed.calls < every.calls) == follows
 
 
+@pytest.mark.parametrize("rows,in_the_back", [((50, 58), True), ((6, 12), False)])
+def test_the_network_starts_in_the_back_of_the_body_and_still_finds_a_column_in_front(bundle, monkeypatch, rows, in_the_back):
+    import SpineContextSegLib.inference.pipeline as pipeline_module
+
+    # water body 76 voxels deep (4 mm, front to back: y 2-78 in LPS), a straight bone column on
+    # the midline in its back half, or (where no spine lies) in its front tenth
+    size, spacing = (60, 80, 60), 4.0  # x, y, z voxels
+    ct = np.full(size[::-1], -1000, np.int16)
+    ct[:, 2:78, :] = 0
+    ct[:, rows[0] : rows[1], 26:34] = 700
+    image = sitk.GetImageFromArray(ct)
+    image.SetSpacing([spacing] * 3)
+    options = SegmentOptions(min_spine_ml=0.5, patch_size=[16, 16, 16], batch_size=1)
+    every, from_the_back, from_the_front = BoneThresholdEngine(), BoneThresholdEngine(), BoneThresholdEngine()
+    whole = segment_image(image, SegmentOptions(all_tiles=True, min_spine_ml=0.5, patch_size=[16, 16, 16]), bundle=bundle, engine=every)
+    following = segment_image(image, options, bundle=bundle, engine=from_the_back)
+    monkeypatch.setattr(pipeline_module, "SPINE_START_FROM_FRONT", 0.0)  # the whole midline first
+    segment_image(image, options, bundle=bundle, engine=from_the_front)
+    assert np.array_equal(sitk.GetArrayFromImage(following.mask), sitk.GetArrayFromImage(whole.mask))
+    assert sitk.GetArrayFromImage(whole.mask).sum() > 0.9 * (ct == 700).sum()
+    total = whole.info["tiles_run"][1]
+    if in_the_back:  # the tiles in front of it never run
+        assert following.info["tiles_run"][0] == from_the_back.calls < from_the_front.calls < total
+    else:  # the tiles in the back found nothing: every tile ran
+        assert following.info["tiles_run"] == [total, total]
+
+
 def _vertebra_with_a_cortex():
     """1 mm voxels: a 20 mm cube of trabecular bone (200 HU) in a 2 mm cortex (800 HU), in soft tissue;
     a rib-like bar of cortex 3 mm beside it and a contrast vessel (350 HU) touching its other side."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SpineContextSegLib.inference.stitcher import gaussian_importance_map, sliding_window_inference, tile_grid, tile_starts
+from SpineContextSegLib.inference.stitcher import following_rim_voxels, gaussian_importance_map, sliding_window_inference, tile_grid, tile_starts
 
 
 def test_importance_map_peaks_at_the_centre_and_is_positive():
@@ -154,6 +154,47 @@ def test_following_runs_every_tile_when_told_to_and_leaves_zeros_where_none_ran(
     assert np.all(nothing_grows[:, :, :, 75:] == 0.0) and nothing_grows[0, 0:5, 20:30, 45].min() > 0.5  # never ran: 0; the start ran
     with pytest.raises(ValueError, match="shape"):
         sliding_window_inference(volume, _position_dependent_predict, patch, start_region=start[:, :, :10])
+
+
+def test_a_tile_that_holds_the_found_region_only_in_its_rim_is_left_to_its_neighbour():
+    # tiles 16 wide at overlap 0.5 start at x = 0, 8, 16, 24; a slab x < 10 enters the second
+    # tile by two voxels, inside its rim (a third of the overlap: 2 voxels)
+    volume = np.zeros((1, 16, 16, 40), np.float32)
+    volume[0, :, :, :10] = 1.0
+    start = np.zeros(volume.shape[1:], bool)
+    start[:, :, 4] = True
+    rim = following_rim_voxels((16, 16, 16), 0.5)
+    assert rim == 2 and following_rim_voxels((64, 64, 64), 0.25) == 5 and following_rim_voxels((64, 64, 64), 0.0) == 0
+    runs = {}
+    for rim_voxels in (0, rim):
+        calls = []
+
+        def predict(batch, calls=calls):
+            calls.append(len(batch))
+            return _position_dependent_predict(batch)
+
+        runs[rim_voxels] = (sliding_window_inference(volume, predict, (16, 16, 16), overlap=0.5, start_region=start, grow_region=lambda b: b[0] > 0.5, rim_voxels=rim_voxels), sum(calls))
+    (exact, exact_tiles), (rimmed, rimmed_tiles) = runs[0], runs[rim]
+    assert (exact_tiles, rimmed_tiles) == (2, 1)
+    # the skipped tile weighed under 1 % there: the slab's values barely move, its mask not at all
+    # (away from the volume's faces in y and z, where every tile's weight is at its floor)
+    slab = (slice(4, 12), slice(4, 12), slice(0, 10))
+    assert np.abs(rimmed[0][slab] - exact[0][slab]).max() < 0.01
+    assert np.array_equal(rimmed[0] > 0.5, exact[0] > 0.5)
+
+
+def test_following_with_a_rim_still_follows_a_region_from_tile_to_tile():
+    volume, bar = _bent_bar_and_a_blob()
+    patch = (16, 16, 16)
+    start = np.zeros(volume.shape[1:], bool)
+    start[:, :, 45] = True
+    for overlap in (0.1, 0.25, 0.5):
+        full = sliding_window_inference(volume, _position_dependent_predict, patch, overlap=overlap)
+        followed = sliding_window_inference(
+            volume, _position_dependent_predict, patch, overlap=overlap, start_region=start, grow_region=lambda b: b[0] > 0.5, rim_voxels=following_rim_voxels(patch, overlap)
+        )
+        assert (full[0][bar] > 0.5).all() and (followed[0][bar] > 0.5).all()  # the whole bar, to its far end
+        assert np.abs(followed[0][bar] - full[0][bar]).max() < 0.02
 
 
 def test_explicit_tiles_blend_like_the_tiling_where_they_run_and_leave_zeros_elsewhere():

@@ -97,6 +97,9 @@ class StopCheck:
             raise Cancelled("cancelled", "Cancelled (cancel file found); no partial output was kept.")
 
 
+#: The network starts on the mid-sagittal plane's tiles behind this share of the body's depth (front to back).
+SPINE_START_FROM_FRONT = 0.45
+
 #: What the stages after reading import first: scipy.ndimage (about 0.3 s) and, for an STL, VTK's
 #: filters and scipy's graph search (about 0.2 s more).
 _MODULES_AFTER_READ = ("scipy.ndimage",)
@@ -170,7 +173,7 @@ def segment_image(
     from SpineContextSegLib.labels import labels_for_task
     from SpineContextSegLib.inference.postprocess import UNCERTAIN_PROBABILITY, clean_probability, spine_components
     from SpineContextSegLib.inference.preprocessing import body_bounding_box, check_segmentation_memory, hu_to_unit_interval, probability_on_input_grid, to_canonical
-    from SpineContextSegLib.inference.stitcher import padded_shape_for, sliding_window_inference, tile_grid
+    from SpineContextSegLib.inference.stitcher import following_rim_voxels, padded_shape_for, sliding_window_inference, tile_grid
     from SpineContextSegLib.io.meshing import foreground_bounding_box
 
     options = options or SegmentOptions()
@@ -241,12 +244,12 @@ def segment_image(
     # A vertebrae network's softmax runs every tile: following it would copy all its channels
     # each round, and "nothing here" is 1 in its background channel, not 0.
     if not options.all_tiles and card.task == "spine":
-        # Start from the tiles that cut the body's mid-sagittal plane (x is the patient's
-        # left-right on the canonical grid, whatever the position on the table; the spine
-        # crosses it, and a column that strays off it is followed) and follow the column.
+        # Start from the tiles that cut the body's mid-sagittal plane (x: the patient's left-right on the canonical grid; the spine
+        # crosses it, a column that strays off it is followed) behind the body's front half (y: front to back; tiles in front run
+        # if the column reaches them; if none there find a spine, every tile runs); a tile the column enters by its rim only is left out.
         mid_sagittal = np.zeros(network_input.shape[1:], dtype=bool)
-        mid_sagittal[:, :, mid_sagittal.shape[2] // 2] = True
-        following = dict(start_region=mid_sagittal, grow_region=spine_found_so_far)
+        mid_sagittal[:, int(SPINE_START_FROM_FRONT * mid_sagittal.shape[1]) :, mid_sagittal.shape[2] // 2] = True
+        following = dict(start_region=mid_sagittal, grow_region=spine_found_so_far, rim_voxels=following_rim_voxels(patch_size, overlap))
     reporter.stage("network", 0, 1)
     start = time.perf_counter()
     network_output = sliding_window_inference(

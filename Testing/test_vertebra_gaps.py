@@ -254,3 +254,25 @@ def test_a_chest_whose_ribs_are_not_found_is_kept_thoracic_by_its_lungs(chest, m
     monkeypatch.setattr(naming, "lungs_beside", lambda ct_hu, geometry, *args, **kwargs: [None] * len(geometry))
     _, without_lungs = vertebra_labelling.label_vertebrae(chest.spine_mask, ribless, spacing_mm=WORKING_MM)
     assert without_lungs["names"][0].startswith("C")
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_a_t12_whose_short_ribs_are_not_found_stays_t12_and_no_l6_appears(seed):
+    # T11 to the sacrum in a torso; the ribs below T11 erased from the CT, as a floating 12th rib
+    # too short to be found (verse014's T12, seen without ribs on both sides, turned the column
+    # below into T12, L1-L6 with confidence 0.76-0.84 on these phantoms)
+    from SpineContextSegLib.phantoms.canvas import TISSUE_CODES
+
+    phantom = generate_phantom(seed, spacing_mm=(2.5, 2.5, 2.5), first_level="T11", last_level="S", field_of_view="torso")
+    truth = sitk.GetArrayFromImage(phantom.vertebra_labels)
+    t11_lowest_slice = int(np.flatnonzero((truth == vertebra_by_name("T11").value).any(axis=(1, 2))).min())
+    ct = sitk.GetArrayFromImage(phantom.ct).copy()
+    ribs_below_t11 = sitk.GetArrayFromImage(phantom.tissue) == TISSUE_CODES["rib"]
+    ribs_below_t11[t11_lowest_slice:] = False
+    ct[ribs_below_t11] = 40
+    without_t12_ribs = sitk.GetImageFromArray(ct)
+    without_t12_ribs.CopyInformation(phantom.ct)
+    _, info = vertebra_labelling.label_vertebrae(phantom.spine_mask, without_t12_ribs, spacing_mm=WORKING_MM)
+    assert info["names"] == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"] and info["chain"] == "standard"
+    assert info["evidence"][1]["ribs"] == [False, False]  # T12 seen, no rib found on either side
+    assert info["anchored"] and info["confidence"] > 0.5

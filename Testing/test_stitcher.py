@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SpineContextSegLib.inference.stitcher import following_rim_voxels, gaussian_importance_map, sliding_window_inference, tile_grid, tile_starts
+from SpineContextSegLib.inference.stitcher import following_rim_voxels, gaussian_importance_map, sliding_window_inference, tile_grid, tile_starts, tiles_touching
 
 
 def test_importance_map_peaks_at_the_centre_and_is_positive():
@@ -181,6 +181,17 @@ def test_a_tile_that_holds_the_found_region_only_in_its_rim_is_left_to_its_neigh
     slab = (slice(4, 12), slice(4, 12), slice(0, 10))
     assert np.abs(rimmed[0][slab] - exact[0][slab]).max() < 0.01
     assert np.array_equal(rimmed[0] > 0.5, exact[0] > 0.5)
+
+
+def test_a_tile_core_leaves_out_the_rim_towards_its_neighbours_not_the_volume_edge():
+    tiles = tile_grid((16, 16, 40), (16, 16, 16), 0.5)  # x starts 0, 8, 16, 24
+    region = np.zeros((16, 16, 40), bool)
+    region[8, 8, 38:] = True  # the last two voxels: the rim of tile x=24 on the volume's edge
+    assert tiles_touching(tiles, region, margin_voxels=-2) == tiles_touching(tiles, region) == [3]
+    region[:] = False
+    region[0, 8, 17] = True  # tile x=16's rim towards tile x=8 (and its corner on the volume's edge)
+    assert tiles_touching(tiles, region) == [1, 2] and tiles_touching(tiles, region, margin_voxels=-2) == [1]
+    assert tiles_touching(tiles, region, margin_voxels=1) == [1, 2]
 
 
 def test_following_with_a_rim_still_follows_a_region_from_tile_to_tile():

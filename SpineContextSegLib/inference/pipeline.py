@@ -245,7 +245,7 @@ def segment_image(
     # each round, and "nothing here" is 1 in its background channel, not 0.
     if not options.all_tiles and card.task == "spine":
         # Start from the tiles that cut the body's mid-sagittal plane (x: the patient's left-right on the canonical grid; the spine
-        # crosses it, a column that strays off it is followed) behind the body's front half (y: front to back; tiles in front run
+        # crosses it, a column that strays off it is followed) behind the body's front 45 % (y: front to back; tiles in front run
         # if the column reaches them; if none there find a spine, every tile runs); a tile the column enters by its rim only is left out.
         mid_sagittal = np.zeros(network_input.shape[1:], dtype=bool)
         mid_sagittal[:, int(SPINE_START_FROM_FRONT * mid_sagittal.shape[1]) :, mid_sagittal.shape[2] // 2] = True

@@ -95,11 +95,14 @@ def tiles_touching(tiles: Sequence[Tuple[slice, ...]], region: np.ndarray, margi
     """Indices of the tiles that hold a voxel of ``region`` (a bool array) within ``margin_voxels`` of their faces.
 
     A negative ``margin_voxels`` asks for a voxel of the tile's core: at least that many voxels
-    in from every face.
+    in from every face inside the volume (a face on the volume's edge has no neighbour beyond it).
     """
     touching = []
     for index, tile in enumerate(tiles):
-        grown = tuple(slice(max(0, part.start - margin_voxels), max(0, part.stop + margin_voxels)) for part in tile)
+        grown = tuple(
+            slice(max(0, part.start - margin_voxels) if part.start > 0 else 0, max(0, part.stop + margin_voxels) if part.stop < size else size)
+            for part, size in zip(tile, region.shape)
+        )
         if region[grown].any():
             touching.append(index)
     return touching

@@ -9,8 +9,9 @@ whole mid-sagittal plane, every tile the column touches within one voxel). Print
 the voxels that differ. ``--all-tiles`` (``segment``'s, and the benchmark's
 ``default-all-tiles``) is the check against every tile.
 
-Usage: python scripts/following_tiles.py [--overlaps 0.25 0.5] CT [CT ...]
-       e.g. ../shared/data/real/*/ct.nii.gz runs/ctchest4/images/CTChest4.nii.gz
+Usage: python scripts/following_tiles.py CT [CT ...] [--overlaps 0.25 0.5] [--model DIR]
+       e.g. ../shared/data/real/*/ct.nii.gz runs/ctchest4/images/CTChest4.nii.gz (the CTs first:
+       --overlaps takes every number after it)
 """
 from __future__ import annotations
 

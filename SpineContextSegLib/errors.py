@@ -103,8 +103,9 @@ WARNING_CODES: Dict[str, ErrorKind] = {
     "model_untrained": ErrorKind(EXIT_OK, "The model has random weights (a test placeholder).", "Install or pass a trained model (--model DIR); the mask is not a spine."),
     "vertebra_names_uncertain": ErrorKind(
         EXIT_OK,
-        "--task vertebrae: no anatomical anchor (sacrum, ribs, skull base) is in the field of view, so names come from vertebra size alone.",
-        "Check the names against the anatomy; a field of view that includes the sacrum or the lowest ribs names them reliably.",
+        "--task vertebrae: no anatomical anchor (sacrum, ribs, skull base) is in the field of view, so names come from vertebra size alone; "
+        "or another naming (often one level off, or a sixth lumbar vertebra) is nearly as likely as the one given.",
+        "Check the names against the anatomy (count from C2 or from the first rib where in view); a field of view that includes the sacrum and the lowest ribs names them most reliably.",
     ),
     "vertebra_slices_too_thick": ErrorKind(
         EXIT_OK,

@@ -442,11 +442,10 @@ def _name_vertebrae(
 ):
     """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order, filling ``fit_mask`` too (see vertebra_labelling.py)."""
     from SpineContextSegLib.labels import vertebra_by_verse_id
-    from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae
+    from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae, names_uncertainty
 
     labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes, fit_mask=fit_mask)
     info["vertebrae"] = vertebra_info
-    confidence = float(vertebra_info.get("confidence", 0.0))
     slice_mm = cranio_caudal_spacing_mm(image)
     # thoracic discs are 4-6 mm high: thicker slices average them into the bodies, so the
     # split misses discs and every name after a missed disc is off (CTChest4, 10 mm: L2-L5 for
@@ -463,23 +462,9 @@ def _name_vertebrae(
             f"{spacing_text} (more than {MAX_SLICE_MM_FOR_NAMES:g} mm): the discs between vertebrae are not resolved, "
             "so vertebrae can be merged or split wrongly and their names are unreliable.",
         )
-    # without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
-    # vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs
-    # tell only which stretch is thoracic), however likely that guess scores: warn then, and
-    # whenever the chosen names are less likely than not
-    if not vertebra_info.get("anchored", False):
-        reporter.warning(
-            "vertebra_names_uncertain",
-            f"No anatomical anchor (sacrum, last or first rib, skull base) is in view to confirm the vertebra names "
-            f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing (lungs and ribs beside the column "
-            "show only which stretch is thoracic) and may be off by a level or more. Check them before use.",
-        )
-    elif confidence < 0.5:
-        reporter.warning(
-            "vertebra_names_uncertain",
-            f"The vertebra names are uncertain (confidence {confidence:.2f}; anchored by {vertebra_info.get('method')}): "
-            f"the mask may be in pieces or miss vertebrae. Check them before use; per-vertebra confidence is in the run's info.",
-        )
+    uncertainty = names_uncertainty(vertebra_info)
+    if uncertainty:
+        reporter.warning("vertebra_names_uncertain", uncertainty)
     return labels_image, [vertebra_by_verse_id(v) for v in vertebra_info["labels_present"]]
 
 

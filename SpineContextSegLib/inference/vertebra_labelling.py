@@ -249,6 +249,39 @@ def label_vertebrae(
     return labels, info
 
 
+#: A runner-up naming at least this likely makes the names uncertain, however likely the chosen
+#: one: the chest CTA's right names (0.56) had T1-T12, one level off, at 0.36; a sixth lumbar
+#: vertebra read as T12 without ribs leaves its L6 naming at about 0.24.
+RUNNER_UP_PROBABILITY = 0.2
+
+
+def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
+    """Why :func:`label_vertebrae`'s names (its ``info``) need checking, or ``None`` when they do not.
+
+    Without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
+    vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs
+    tell only which stretch is thoracic), however likely that guess scores; with one, when the
+    chosen names are less likely than not, or another naming is at least
+    :data:`RUNNER_UP_PROBABILITY` likely.
+    """
+    confidence = float(info.get("confidence", 0.0))
+    if not info.get("anchored", False):
+        return (
+            f"No anatomical anchor (sacrum, last or first rib, skull base) is in view to confirm the vertebra names "
+            f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing (lungs and ribs beside the column "
+            "show only which stretch is thoracic) and may be off by a level or more. Check them before use."
+        )
+    runner_up = (list(info.get("alternatives") or []) or [{"names": "", "probability": 0.0}])[0]
+    if confidence < 0.5 or float(runner_up["probability"]) >= RUNNER_UP_PROBABILITY:
+        return (
+            f"The vertebra names are uncertain (confidence {confidence:.2f}; the next most likely naming, {runner_up['names']}, "
+            f"{float(runner_up['probability']):.2f}; anchored by {info.get('method')}): the mask may be in pieces or miss vertebrae, "
+            "or the spine may have 11 or 13 rib-bearing or 4 or 6 lumbar vertebrae. Check the count before use; "
+            "per-vertebra confidence is in the run's info."
+        )
+    return None
+
+
 def _resample_into(mask: "sitk.Image", reference: "sitk.Image") -> np.ndarray:
     """(D, H, W) bool: ``mask`` resampled (nearest) onto ``reference``, computed only in the part of the grid it covers."""
     import SimpleITK as sitk

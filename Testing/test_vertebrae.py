@@ -298,7 +298,8 @@ def test_names_are_uncertain_without_an_anchor_below_even_odds_or_with_a_likely_
     assert names_uncertainty(anchored) is None
     assert names_uncertainty(dict(anchored, alternatives=[])) is None
     assert "No anatomical anchor" in names_uncertainty(dict(anchored, anchored=False))
-    assert "confidence 0.45" in names_uncertainty(dict(anchored, confidence=0.45))
+    assert "confidence 0.45; the next most likely naming, T11-L4, 0.08;" in names_uncertainty(dict(anchored, confidence=0.45))
+    assert "confidence 0.45; anchored by sacrum" in names_uncertainty(dict(anchored, confidence=0.45, alternatives=[]))
     close_call = names_uncertainty(dict(anchored, confidence=0.56, alternatives=[{"names": "T1-T12", "probability": 0.36}]))
     assert "T1-T12, 0.36" in close_call and "anchored by sacrum" in close_call
 

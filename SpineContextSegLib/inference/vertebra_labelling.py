@@ -273,9 +273,10 @@ def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
         )
     runner_up = (list(info.get("alternatives") or []) or [{"names": "", "probability": 0.0}])[0]
     if confidence < 0.5 or float(runner_up["probability"]) >= RUNNER_UP_PROBABILITY:
+        next_naming = f"; the next most likely naming, {runner_up['names']}, {float(runner_up['probability']):.2f}" if runner_up["names"] else ""
         return (
-            f"The vertebra names are uncertain (confidence {confidence:.2f}; the next most likely naming, {runner_up['names']}, "
-            f"{float(runner_up['probability']):.2f}; anchored by {info.get('method')}): the mask may be in pieces or miss vertebrae, "
+            f"The vertebra names are uncertain (confidence {confidence:.2f}{next_naming}; anchored by {info.get('method')}): "
+            "the mask may be in pieces or miss vertebrae, "
             "or the spine may have 11 or 13 rib-bearing or 4 or 6 lumbar vertebrae. Check the count before use; "
             "per-vertebra confidence is in the run's info."
         )

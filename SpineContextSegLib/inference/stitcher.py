@@ -99,8 +99,9 @@ def tiles_touching(tiles: Sequence[Tuple[slice, ...]], region: np.ndarray, margi
     """
     touching = []
     for index, tile in enumerate(tiles):
+        # faces on the volume's edge stay where they are
         grown = tuple(
-            slice(max(0, part.start - margin_voxels) if part.start > 0 else 0, max(0, part.stop + margin_voxels) if part.stop < size else size)
+            slice(max(0, part.start - margin_voxels) if part.start > 0 else 0, part.stop + margin_voxels if part.stop < size else size)
             for part, size in zip(tile, region.shape)
         )
         if region[grown].any():

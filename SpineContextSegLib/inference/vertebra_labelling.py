@@ -271,9 +271,11 @@ def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
             f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing (lungs and ribs beside the column "
             "show only which stretch is thoracic) and may be off by a level or more. Check them before use."
         )
-    runner_up = (list(info.get("alternatives") or []) or [{"names": "", "probability": 0.0}])[0]
-    if confidence < 0.5 or float(runner_up["probability"]) >= RUNNER_UP_PROBABILITY:
-        next_naming = f"; the next most likely naming, {runner_up['names']}, {float(runner_up['probability']):.2f}" if runner_up["names"] else ""
+    alternatives = info.get("alternatives") or []
+    runner_up = alternatives[0] if alternatives else None
+    runner_up_probability = float(runner_up["probability"]) if runner_up else 0.0
+    if confidence < 0.5 or runner_up_probability >= RUNNER_UP_PROBABILITY:
+        next_naming = f"; the next most likely naming, {runner_up['names']}, {runner_up_probability:.2f}" if runner_up else ""
         return (
             f"The vertebra names are uncertain (confidence {confidence:.2f}{next_naming}; anchored by {info.get('method')}): "
             "the mask may be in pieces or miss vertebrae, "

@@ -108,3 +108,26 @@ def test_lungs_beside_a_column_without_ribs_rule_out_cervical_and_lumbar_names()
     for i in range(len(geometry)):
         assert lung_term[i, state[12]] - lung_term[i, state[4]] > 3.0  # T5 against C4
         assert lung_term[i, state[12]] - lung_term[i, state[23]] > 2.5  # T5 against L4
+
+
+@pytest.mark.parametrize("with_ribs, without_ribs", [(5, 1), (4, 2), (3, 1)])
+def test_lung_down_to_the_first_lumbar_vertebra_does_not_move_the_names_up_a_level(monkeypatch, with_ribs, without_ribs):
+    # a chest CT in inspiration: lung beside every segment, L1 included. Counted per segment, the
+    # lung probabilities (each a little lower towards L1) outweighed the last rib and named the
+    # first rib-less vertebra T12 (these columns: 0 of 3 right with the last rib found on 0.6 of
+    # sides, 1 of 3 at 0.7); only the column's lung ends read the level now
+    from SpineContextSegLib.anatomy import naming, split
+    from SpineContextSegLib.labels import vertebra_by_name
+
+    from test_vertebrae import make_spine
+
+    levels = [(12.0, 20.0)] * with_ribs + [(14.0, 24.0)] * without_ribs
+    ct, mask, _ = make_spine(levels, ribs=tuple(range(with_ribs)))
+    instances = split.split_vertebrae(mask, ct, 2.0)
+    assert instances.max() == len(levels)
+    monkeypatch.setattr(naming, "lungs_beside", lambda *args, **kwargs: [True] * len(levels))
+    _, info = naming.name_vertebrae(instances, ct, 2.0)
+    last_rib = vertebra_by_name("T12").value
+    expected = [vertebra_by_name(name).value for name in ("L1", "L2")[:without_ribs]]
+    assert info["verse_ids"][with_ribs - 1] == last_rib and info["verse_ids"][with_ribs:] == expected
+    assert info["confidence"] > 0.5

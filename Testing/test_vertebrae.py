@@ -189,6 +189,23 @@ def test_find_disc_levels_keeps_the_deeper_of_two_close_minima():
     assert start == pytest.approx(5.5, abs=1.0) and end == pytest.approx(114.5, abs=1.0)
 
 
+def test_find_disc_levels_cuts_an_overlong_segment_where_the_probability_dips():
+    # thick slices blur a disc into its bodies: the mask stays full over two vertebrae (60 mm, 4
+    # body radii), the network's probability only dips (0.8 of the bodies')
+    arc = np.arange(0.0, 120.0, 1.0)
+    occupancy = np.ones_like(arc)
+    occupancy[np.abs(arc - 30.0) <= 2] = 0.0
+    occupancy[:5] = 0.0
+    occupancy[-5:] = 0.0
+    soft = occupancy * 0.98
+    soft[np.abs(arc - 62.0) <= 2] = 0.8
+    radius = np.full_like(arc, 15.0)
+    profile = discs.BodyProfile(arc + 0.5, occupancy, radius)
+    assert np.allclose(discs.find_disc_levels(profile)[0], [30.5], atol=1.0)
+    found, _, _ = discs.find_disc_levels(profile, soft_profile=discs.BodyProfile(arc + 0.5, soft, radius))
+    assert np.allclose(found, [30.5, 62.5], atol=1.0)
+
+
 # ------------------------------------------------------------------------------------ split
 @pytest.mark.parametrize("curve_mm", [0.0, 14.0])
 def test_split_separates_every_vertebra_in_order(curve_mm):
@@ -239,6 +256,23 @@ def test_split_finds_a_disc_that_osteophytes_partly_bridge():
     assert min(share for _, share in purity.values()) >= 0.9
 
 
+def test_split_cuts_a_disc_the_mask_fills_where_the_probability_dips():
+    # a disc that thick slices blur into the mask (make_spine: the disc between vertebrae 2 and 3
+    # spans z = 134-142 mm): the mask merges the two vertebrae; the probability it came from is
+    # 0.75 there and the split cuts it
+    ct, mask, truth = make_spine(LUMBAR)
+    z = np.indices(mask.shape)[0] * 2.0
+    body_or_disc = ndimage.binary_closing(mask, structure=np.ones((7, 1, 1)))
+    in_disc = (z > 134.0) & (z < 142.0) & body_or_disc
+    mask = mask | in_disc
+    assert split.split_vertebrae(mask, ct, 2.0).max() == 4
+    probability = np.where(in_disc, 0.75, mask.astype(np.float32))
+    instances = split.split_vertebrae(mask, ct, 2.0, probability=probability)
+    assert instances.max() == 5
+    purity = _purity(instances, truth)
+    assert [purity[v][0] for v in range(1, 6)] == [1, 2, 3, 4, 5]
+
+
 def test_split_raises_on_an_empty_mask():
     with pytest.raises(SegmentationError) as error:
         split.split_vertebrae(np.zeros((10, 10, 10), dtype=bool), None, 1.0)
@@ -273,15 +307,15 @@ def test_naming_from_the_ribs():
 
 def test_six_vertebrae_without_ribs_above_the_sacrum_are_t12_to_l5_unless_more_says_l6():
     # one rib-bearing vertebra, six without ribs, the sacrum: the last rib (T12's) is short and
-    # goes unfound on about 40 % of sides, so a T12 without ribs (0.4 ** 2 x 0.92) is likelier
-    # than a sixth lumbar vertebra (0.05): the standard names, with the L6 naming as the
-    # runner-up at about a quarter
+    # goes unfound on about 30 % of sides (5 of 8 on the shared real CTs), so a T12 without ribs
+    # (0.3 ** 2 x 0.92) is likelier than a sixth lumbar vertebra (0.05): the standard names, with
+    # the L6 naming as the runner-up at about a third
     levels = [(14.0, 23.0)] + [(15.0, 26.0)] * 6
     ct, mask, _ = make_spine(levels, ribs=(0,), sacrum=True)
     instances = split.split_vertebrae(mask, ct, 2.0)
     labels, info = naming.name_vertebrae(instances, ct, 2.0)
     assert info["names"] == ["T11", "T12", "L1", "L2", "L3", "L4", "L5"] and info["chain"] == "standard"
-    assert 0.6 < info["confidence"] < 0.85 and info["alternatives"][0]["names"] == "T12-L6" and info["alternatives"][0]["probability"] > 0.2
+    assert 0.5 < info["confidence"] < 0.85 and info["alternatives"][0]["names"] == "T12-L6" and info["alternatives"][0]["probability"] > 0.2
     _assert_anatomical(labels)
     assert "T12-L6" in names_uncertainty(info)  # the user is told to check the count
     # a vertebrae network that calls the segments T12, L1-L6 tips it

@@ -10,7 +10,7 @@ osteophytes) (:func:`find_disc_levels`, with :func:`find_peaks`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def body_profile(mask: np.ndarray, line: Centreline, spacing_mm, *, radius_facto
     return BodyProfile(centres, occupancy, line.radius_at_arc(centres))
 
 
-def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -> Tuple[List[float], float, float]:
+def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55, soft_profile: Optional[BodyProfile] = None) -> Tuple[List[float], float, float]:
     """Arc positions (mm) of the intervertebral discs: the deep minima of the body profile.
 
     A minimum counts when it lies below 75 % of the typical body occupancy and is at least
@@ -71,6 +71,9 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -
     body's depth) only the deeper one stays. A segment between discs longer than
     :data:`OVERLONG_SEGMENT_RADII` body radii is then searched again for a shallow minimum
     (down to 90 % of the body occupancy, 8 % prominence): a disc the mask partly bridges.
+    ``soft_profile`` (the same bins, the network's probability instead of the mask) is where
+    that search looks when given: a disc that slices thicker than it blur into the bodies
+    leaves the mask full but the probability lower (0.75-0.9 of the bodies').
 
     Returns
     -------
@@ -107,7 +110,11 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -
         if all(abs(position - other) >= min_height_factor * expected_height for other in accepted):
             accepted.append(position)
     # a segment as long as two vertebrae hides a disc the mask partly bridges (osteophytes,
-    # a filled disc): look inside it for the deepest shallower minimum
+    # a filled disc, thick slices): look inside it for the deepest shallower minimum
+    shallow, shallow_level = smooth, body_level
+    if soft_profile is not None and soft_profile.arc_mm.shape == profile.arc_mm.shape:
+        shallow = ndimage.gaussian_filter1d(np.nan_to_num(soft_profile.occupancy, nan=0.0), max(0.5, 1.0 / step), mode="nearest")
+        shallow_level = float(np.percentile(shallow[solid], 90))
     for _ in range(len(profile.arc_mm)):
         bounds = [start] + sorted(accepted) + [end]
         added = False
@@ -119,12 +126,12 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -
             if not inner.any():
                 continue
             first = int(np.flatnonzero(inner)[0])
-            found, properties = find_peaks(-smooth[inner], prominence=0.08 * body_level)
-            found = found[smooth[found + first] <= 0.9 * body_level]
+            found, properties = find_peaks(-shallow[inner], prominence=0.08 * shallow_level)
+            found = found[shallow[found + first] <= 0.9 * shallow_level]
             if found.size == 0:
                 continue
-            best = int(found[np.argmin(smooth[found + first])]) + first
-            accepted.append(_plateau_centre(profile.arc_mm, smooth, best, lo, hi, 0.03 * body_level))
+            best = int(found[np.argmin(shallow[found + first])]) + first
+            accepted.append(_plateau_centre(profile.arc_mm, shallow, best, lo, hi, 0.03 * shallow_level))
             added = True
         if not added:
             break

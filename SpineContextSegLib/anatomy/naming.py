@@ -209,7 +209,10 @@ def name_vertebrae(
       T1-T12, strongly T2-T9, against the cervical and lumbar levels
       (:data:`~SpineContextSegLib.anatomy.naming_model.LUNG_PROBABILITY`; no lung found is not
       used). It needs no rib to be found, so a chest CT's thoracic column cannot be named
-      cervical or lumbar wholesale;
+      cervical or lumbar wholesale. The level (lung more likely beside T9 than beside L1) is
+      read only from the highest and the lowest segment with lung found; the segments between
+      them say "a level the lung reaches" (the lung is one organ: counted level by level, lung
+      beside every segment down to L1 outweighed the last rib);
     * body size (:data:`EXPECTED_BODY_RADIUS_MM`) of every vertebra (less weight where the field
       of view cuts it) and segment length: weak cues that separate cervical, thoracic and lumbar levels;
     * with ``name_votes`` (a vertebrae network, ``train --task vertebrae``): the share of each

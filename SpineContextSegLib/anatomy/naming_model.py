@@ -71,6 +71,14 @@ RIB_FALSE_DETECTIONS = 0.05
 #: lung bases), and weighing it would tip the names of a lower thoracic run by a level.
 LUNG_PROBABILITY: Dict[int, float] = {7: 0.3, 8: 0.8, 16: 0.95, 17: 0.9, 18: 0.75, 19: 0.5, 28: 0.45, 20: 0.25, 21: 0.1}
 LUNG_PROBABILITY_CERVICAL, LUNG_PROBABILITY_THORACIC, LUNG_PROBABILITY_LUMBAR = 0.02, 0.97, 0.05
+#: Levels with at least this :data:`LUNG_PROBABILITY` are ones the lung reaches (C7-L1): a
+#: segment between the highest and the lowest with lung found counts as lung found at
+#: :data:`LUNG_PROBABILITY_THORACIC` beside any of them. Lung beside one segment makes lung
+#: beside its neighbours likely, so only the column's lung ends read the level: counted level
+#: by level, the probabilities falling from T10 to L1 added up, on a chest CT in inspiration
+#: (lung down to L1), to more than the last rib and named the first rib-less vertebra T12
+#: (synthetic columns with lung beside every segment: 4 of 6 named right, 6 of 6 now).
+LUNG_REACH_PROBABILITY = 0.25
 
 
 def _lung_probability(verse_id: int) -> float:
@@ -99,8 +107,10 @@ RIB_FALSE_POSITIVE_RATE = 0.08
 #: level (T12, T13): the last rib is the shortest and most variable (a floating rib, a few cm,
 #: sometimes rudimentary). On the shared real CTs it was found on 5 of 8 sides of T12 (chest CTA
 #: 2, abdomen CT 2, PET/CT stack 1, verse014 0); at 0.9 a T12 seen without ribs turned the
-#: column below into an L6 chain, with confidence (verse014; phantoms with T12's ribs erased).
-RIB_FOUND_PROBABILITY, LAST_RIB_FOUND_PROBABILITY = 0.9, 0.6
+#: column below into an L6 chain, with confidence (verse014; phantoms with T12's ribs erased);
+#: at 0.6 the last rib found no longer held a chest CT's names in place (the chest CTA in 2.5 mm
+#: slices named T1-T12 for T2-L1, lung beside L1 outweighing it).
+RIB_FOUND_PROBABILITY, LAST_RIB_FOUND_PROBABILITY = 0.9, 0.7
 
 
 def _rib_probability(verse_id: int) -> float:
@@ -262,6 +272,9 @@ def _log_likelihood_tables(
     whole = ~piece & ~small & ~truncated  # a whole vertebra: its length is its body height
     cut_above = truncated & (np.array([g.arc_high_mm for g in geometry]) >= visible_arc[0] - 5.0)
     emission = np.zeros((count, states))
+    lung_found = [i for i, lung in enumerate(lungs or []) if lung]
+    lung_ends = (lung_found[0], lung_found[-1]) if lung_found else ()
+    lung_between = np.where(model.lung >= LUNG_REACH_PROBABILITY, LUNG_PROBABILITY_THORACIC, model.lung)
     for i, evidence in enumerate(ribs):
         for side in ("right", "left"):
             if evidence.get(side) is True:
@@ -272,7 +285,7 @@ def _log_likelihood_tables(
         if votes is not None and votes[i].sum() > 0:
             emission[i] += [_network_log_probability(name, votes[i]) for name in names]
         if lungs is not None and lungs[i]:
-            emission[i] += np.log(model.lung)
+            emission[i] += np.log(model.lung if i in lung_ends else lung_between)
     # body size: the patient's scale times the typical radius of the level; the spread is the
     # variation within one spine (people differ in size as a whole: that is the scale's prior)
     expected_radius = np.array([EXPECTED_BODY_RADIUS_MM.get(2 if name == ATLAS_AXIS else name, np.nan) for name in names])

@@ -228,7 +228,7 @@ def _solid_segments(profile: BodyProfile, segments: Sequence[Tuple[float, float]
     return out
 
 
-def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *, min_vertebra_ml: float = 0.5, return_details: bool = False):
+def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *, min_vertebra_ml: float = 0.5, probability: Optional[np.ndarray] = None, return_details: bool = False):
     """Split a binary spine mask into vertebrae, numbered from the top.
 
     See the module docstring (step 2) for the method.
@@ -246,6 +246,10 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     min_vertebra_ml : float
         A piece of the column between two discs (or a disc and the end of the column) with
         less bone than this is not a vertebra of its own; its voxels join their neighbour.
+    probability : (D, H, W) float in [0, 1], optional
+        The network's spine probability the mask was thresholded from: a segment as long as
+        two vertebrae is cut at the probability's shallow minimum (a disc that thick slices
+        blur into the mask; :func:`find_disc_levels`).
     return_details : bool
         Also return a dict with the centreline, profile, disc positions and seeds.
 
@@ -274,7 +278,10 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     # work in the mask's box (all slices kept, so the centreline covers the whole grid)
     _, rows, columns = _padded_box(mask, pad=3)
     if (rows.stop - rows.start) * (columns.stop - columns.start) < mask.shape[1] * mask.shape[2]:
-        instances, details = split_vertebrae(mask[:, rows, columns], None if ct_hu is None else ct_hu[:, rows, columns], spacing, min_vertebra_ml=min_vertebra_ml, return_details=True)
+        instances, details = split_vertebrae(
+            mask[:, rows, columns], None if ct_hu is None else ct_hu[:, rows, columns], spacing, min_vertebra_ml=min_vertebra_ml,
+            probability=None if probability is None else probability[:, rows, columns], return_details=True,
+        )
         full = np.zeros(mask.shape, dtype=np.int32)
         full[:, rows, columns] = instances
         if not return_details:
@@ -295,7 +302,8 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         filled = fill_slices(filled, spacing)
         line = body_centreline(filled, spacing, ct_hu=ct_hu)
         profile = body_profile(filled, line, spacing)
-    discs, start, end = find_disc_levels(profile)
+    soft_profile = None if probability is None else body_profile(np.asarray(probability, dtype=np.float32), line, spacing)
+    discs, start, end = find_disc_levels(profile, soft_profile=soft_profile)
     bounds = [start] + discs + [end]
     voxel_ml = float(np.prod(spacing)) / 1000.0
 

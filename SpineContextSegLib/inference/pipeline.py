@@ -307,8 +307,8 @@ def segment_image(
         probability_image.CopyInformation(canonical)
         return cleaned, probability_image, info
 
-    def postprocess() -> Tuple["sitk.Image", Optional["sitk.Image"], Optional["sitk.Image"]]:
-        """The network's mask on the CT's grid, (``cortical_edge``) its outline moved to the bone the CT shows there, and what the names are made on."""
+    def postprocess() -> Tuple["sitk.Image", Optional["sitk.Image"], Tuple[Optional["sitk.Image"], "sitk.Image"]]:
+        """The network's mask on the CT's grid, (``cortical_edge``) its outline moved to the bone the CT shows there, and what the names are made on (mask, probability)."""
         cleaned, probability_image, info = cleaned_image(probability)
         postprocess_info.update(info)
         if options.cortical_edge:
@@ -322,18 +322,18 @@ def segment_image(
         # the network's own outline as an image: the result when it is kept, or what the
         # vertebrae are split and named on
         network_mask = _mask_image(block >= threshold, region, image) if not options.cortical_edge or options.task == "vertebrae" else None
-        names_mask = network_mask
+        names_on = (network_mask, probability_image)
         if names_probability is not None:
             _, coarse_image, _ = cleaned_image(names_probability)
             coarse_region, coarse_block = probability_on_input_grid(coarse_image, image, threshold)
-            names_mask = _mask_image(coarse_block >= threshold, coarse_region, image)
+            names_on = (_mask_image(coarse_block >= threshold, coarse_region, image), coarse_image)
         if not options.cortical_edge:
-            return network_mask, None, names_mask
+            return network_mask, None, names_on
         grown, grown_box, added_ml = _outline_moved_to_bone(block, region, image, threshold=threshold, distance_mm=max(grid_spacing_mm))
         postprocess_info.update(added_ml)
-        return network_mask, _mask_image(grown, grown_box, image), names_mask
+        return network_mask, _mask_image(grown, grown_box, image), names_on
 
-    network_mask, moved_mask, names_mask = timer.run("postprocess", postprocess)
+    network_mask, moved_mask, (names_mask, names_probability_image) = timer.run("postprocess", postprocess)
     mask = network_mask if moved_mask is None else moved_mask
     stop()
     info = {
@@ -358,7 +358,7 @@ def segment_image(
             name_votes.CopyInformation(canonical)
         # split and named on the network's own outline, the coarse pass's (the names were measured
         # on it; the moved outline and the fine pass can bridge discs); the labels fill the mask
-        mask, labels = timer.run("label", _name_vertebrae, names_mask, image, reporter, info, name_votes, None if mask is names_mask else mask)
+        mask, labels = timer.run("label", _name_vertebrae, names_mask, image, reporter, info, name_votes, None if mask is names_mask else mask, names_probability_image)
     return SegmentationResult(mask=mask, labels=labels, timings_s=timer.timings, info=info)
 
 
@@ -438,13 +438,14 @@ MAX_SLICE_MM_FOR_NAMES = 5.0
 
 
 def _name_vertebrae(
-    mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None, fit_mask: Optional["sitk.Image"] = None
+    mask: "sitk.Image", image: "sitk.Image", reporter: ProgressReporter, info: Dict[str, object], name_votes: Optional["sitk.Image"] = None, fit_mask: Optional["sitk.Image"] = None,
+    probability: Optional["sitk.Image"] = None,
 ):
     """Spine mask -> one label per vertebra (VerSe ids), named in anatomical order, filling ``fit_mask`` too (see vertebra_labelling.py)."""
     from SpineContextSegLib.labels import vertebra_by_verse_id
     from SpineContextSegLib.inference.vertebra_labelling import label_vertebrae, names_uncertainty
 
-    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes, fit_mask=fit_mask)
+    labels_image, vertebra_info = label_vertebrae(mask, image, include_sacrum=True, name_votes=name_votes, fit_mask=fit_mask, probability=probability)
     info["vertebrae"] = vertebra_info
     slice_mm = cranio_caudal_spacing_mm(image)
     # thoracic discs are 4-6 mm high: thicker slices average them into the bodies, so the

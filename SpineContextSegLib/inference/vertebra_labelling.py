@@ -93,6 +93,7 @@ def label_vertebrae(
     include_sacrum: bool = False,
     name_votes: Optional["sitk.Image"] = None,
     fit_mask: Optional["sitk.Image"] = None,
+    probability: Optional["sitk.Image"] = None,
 ) -> Tuple["sitk.Image", Dict[str, object]]:
     """Label every vertebra of a binary spine mask with its VerSe id.
 
@@ -128,6 +129,10 @@ def label_vertebrae(
         ``mask_image``): a larger outline of the same spine than the one split and named (the
         outline moved to the bone), whose extra voxels take the label of the vertebra they
         connect to. The labels then cover ``mask_image`` | ``fit_mask``.
+    probability : SimpleITK.Image, optional
+        The spine probability ``mask_image`` was thresholded from (any grid in the same
+        physical space): where thick slices blur a disc into the mask, the split cuts a segment
+        as long as two vertebrae at the probability's dip (see :func:`split_vertebrae`).
 
     Returns
     -------
@@ -182,7 +187,11 @@ def label_vertebrae(
         raise SegmentationError("no_spine_found", "The spine mask vanishes on the working grid: it is too thin to be a spine.")
     lap("resample")
 
-    instances, details = split_vertebrae(mask_work, ct_work, spacing, return_details=True)
+    probability_work = None
+    if probability is not None:
+        probability_work = sitk.GetArrayFromImage(resample_to_reference(probability, reference, method="linear", default_value=0.0, pixel_type=sitk.sitkFloat32))
+    instances, details = split_vertebrae(mask_work, ct_work, spacing, probability=probability_work, return_details=True)
+    del probability_work
     line = details["centreline"]
     geometry = vertebra_geometry(instances, line, spacing, field_of_view)
     fragment = caudal_fragment(instances, line, spacing, field_of_view, geometry=geometry)

@@ -202,7 +202,7 @@ def test_find_disc_levels_cuts_an_overlong_segment_where_the_probability_dips():
     radius = np.full_like(arc, 15.0)
     profile = discs.BodyProfile(arc + 0.5, occupancy, radius)
     assert np.allclose(discs.find_disc_levels(profile)[0], [30.5], atol=1.0)
-    found, _, _ = discs.find_disc_levels(profile, soft_profile=discs.BodyProfile(arc + 0.5, soft, radius))
+    found, _, _ = discs.find_disc_levels(discs.BodyProfile(arc + 0.5, occupancy, radius, probability=soft))
     assert np.allclose(found, [30.5, 62.5], atol=1.0)
 
 

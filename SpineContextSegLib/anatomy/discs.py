@@ -29,17 +29,22 @@ class BodyProfile:
         Mask voxels / all voxels of the cylinder in the bin; NaN where the bin is empty.
     radius_mm : (B,) float
         Body radius (:attr:`Centreline.body_radius_mm`) at the bin.
+    probability : (B,) float or None
+        Mean spine probability (the network's, the mask was thresholded from) in the same
+        cylinder and bins; ``None`` without one.
     """
 
     arc_mm: np.ndarray
     occupancy: np.ndarray
     radius_mm: np.ndarray
+    probability: Optional[np.ndarray] = None
 
 
-def body_profile(mask: np.ndarray, line: Centreline, spacing_mm, *, radius_factor: float = 0.6) -> BodyProfile:
+def body_profile(mask: np.ndarray, line: Centreline, spacing_mm, *, radius_factor: float = 0.6, probability: Optional[np.ndarray] = None) -> BodyProfile:
     """Occupancy of the cylinder of radius ``radius_factor`` x body radius around the centreline.
 
-    ``mask`` is (D, H, W) bool on the canonical grid; ``spacing_mm`` (z, y, x) mm.
+    ``mask`` is (D, H, W) bool on the canonical grid; ``spacing_mm`` (z, y, x) mm;
+    ``probability`` (D, H, W) float in [0, 1], optional: also its mean in the same bins.
     """
     spacing = _spacing3(spacing_mm)
     cylinder = radius_factor * line.body_radius_mm
@@ -54,14 +59,18 @@ def body_profile(mask: np.ndarray, line: Centreline, spacing_mm, *, radius_facto
     bins -= first
     count = int(bins.max()) + 1
     total = np.bincount(bins[inside], minlength=count).astype(np.float64)
-    occupied = np.bincount(bins[inside], weights=mask.reshape(-1)[tube][inside].astype(np.float64), minlength=count)
+    in_cylinder = tube[inside]
+
+    def mean_in_bins(volume: np.ndarray) -> np.ndarray:
+        summed = np.bincount(bins[inside], weights=volume.reshape(-1)[in_cylinder].astype(np.float64), minlength=count)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return summed / total
+
     centres = (np.arange(count) + first + 0.5) * step
-    with np.errstate(invalid="ignore", divide="ignore"):
-        occupancy = occupied / total
-    return BodyProfile(centres, occupancy, line.radius_at_arc(centres))
+    return BodyProfile(centres, mean_in_bins(mask), line.radius_at_arc(centres), None if probability is None else mean_in_bins(np.asarray(probability)))
 
 
-def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55, soft_profile: Optional[BodyProfile] = None) -> Tuple[List[float], float, float]:
+def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -> Tuple[List[float], float, float]:
     """Arc positions (mm) of the intervertebral discs: the deep minima of the body profile.
 
     A minimum counts when it lies below 75 % of the typical body occupancy and is at least
@@ -71,9 +80,9 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55, s
     body's depth) only the deeper one stays. A segment between discs longer than
     :data:`OVERLONG_SEGMENT_RADII` body radii is then searched again for a shallow minimum
     (down to 90 % of the body occupancy, 8 % prominence): a disc the mask partly bridges.
-    ``soft_profile`` (the same bins, the network's probability instead of the mask) is where
-    that search looks when given: a disc that slices thicker than it blur into the bodies
-    leaves the mask full but the probability lower (0.75-0.9 of the bodies').
+    With the profile's ``probability`` that search looks there instead: a disc that slices
+    thicker than it blur into the bodies leaves the mask full but the probability lower
+    (0.75-0.9 of the bodies').
 
     Returns
     -------
@@ -112,8 +121,8 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55, s
     # a segment as long as two vertebrae hides a disc the mask partly bridges (osteophytes,
     # a filled disc, thick slices): look inside it for the deepest shallower minimum
     shallow, shallow_level = smooth, body_level
-    if soft_profile is not None and soft_profile.arc_mm.shape == profile.arc_mm.shape:
-        shallow = ndimage.gaussian_filter1d(np.nan_to_num(soft_profile.occupancy, nan=0.0), max(0.5, 1.0 / step), mode="nearest")
+    if profile.probability is not None:
+        shallow = ndimage.gaussian_filter1d(np.nan_to_num(profile.probability, nan=0.0), max(0.5, 1.0 / step), mode="nearest")
         shallow_level = float(np.percentile(shallow[solid], 90))
     for _ in range(len(profile.arc_mm)):
         bounds = [start] + sorted(accepted) + [end]

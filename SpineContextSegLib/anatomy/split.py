@@ -294,16 +294,15 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         return full, dict(details, seeds=seeds)
     filled = ndimage.binary_fill_holes(mask)
     line = body_centreline(filled, spacing, ct_hu=ct_hu)
-    profile = body_profile(filled, line, spacing)
+    profile = body_profile(filled, line, spacing, probability=probability)
     hollow = _looks_hollow(profile)
     if hollow:
         # a mask of dense bone only (a threshold; osteoporotic marrow) leaves hollow bodies whose
         # shells are thinner than the posterior elements: close and fill them slice by slice
         filled = fill_slices(filled, spacing)
         line = body_centreline(filled, spacing, ct_hu=ct_hu)
-        profile = body_profile(filled, line, spacing)
-    soft_profile = None if probability is None else body_profile(np.asarray(probability, dtype=np.float32), line, spacing)
-    discs, start, end = find_disc_levels(profile, soft_profile=soft_profile)
+        profile = body_profile(filled, line, spacing, probability=probability)
+    discs, start, end = find_disc_levels(profile)
     bounds = [start] + discs + [end]
     voxel_ml = float(np.prod(spacing)) / 1000.0
 

@@ -206,6 +206,29 @@ def test_find_disc_levels_cuts_an_overlong_segment_where_the_probability_dips():
     assert np.allclose(found, [30.5, 62.5], atol=1.0)
 
 
+def test_find_disc_levels_cuts_a_segment_three_vertebrae_long_at_its_faint_dips_only():
+    # 3 mm slices of a lower thoracic column (chest CTA): three vertebrae (body radius 12 mm,
+    # 27 mm apart) in one 81 mm segment, the probability dipping only to 0.92 at the two discs.
+    # Two vertebrae long (C2 with its dens), the same faint dip is no disc.
+    arc = np.arange(0.0, 140.0, 1.0)
+    radius = np.full_like(arc, 12.0)
+
+    def column(segment_mm, dips_mm):
+        occupancy = np.ones_like(arc)
+        occupancy[:5] = 0.0
+        occupancy[5 + segment_mm :] = 0.0
+        soft = occupancy * 0.99
+        for centre in dips_mm:
+            soft[np.abs(arc - centre) <= 2] = 0.92
+        soft[np.abs(arc - 40.0) <= 2] = np.minimum(soft[np.abs(arc - 40.0) <= 2], 0.96)  # marrow, not a disc
+        return discs.BodyProfile(arc + 0.5, occupancy, radius, probability=soft)
+
+    found, _, _ = discs.find_disc_levels(column(81, [32.0, 59.0]))
+    assert np.allclose(found, [32.5, 59.5], atol=1.0)
+    found, _, _ = discs.find_disc_levels(column(50, [30.0]))
+    assert found == []
+
+
 # ------------------------------------------------------------------------------------ split
 @pytest.mark.parametrize("curve_mm", [0.0, 14.0])
 def test_split_separates_every_vertebra_in_order(curve_mm):

@@ -135,13 +135,22 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -
             if not inner.any():
                 continue
             first = int(np.flatnonzero(inner)[0])
-            found, properties = find_peaks(-shallow[inner], prominence=0.08 * shallow_level)
-            found = found[shallow[found + first] <= 0.9 * shallow_level]
-            if found.size == 0:
-                continue
-            best = int(found[np.argmin(shallow[found + first])]) + first
-            accepted.append(_plateau_centre(profile.arc_mm, shallow, best, lo, hi, 0.03 * shallow_level))
-            added = True
+            held = int(round((high - low) / (VERTEBRA_PITCH_RADII * radius)))
+            # as long as three vertebrae or more, the segment surely hides discs: take its
+            # deepest minima however shallow, one per hidden disc; two vertebrae long, it may
+            # be one long vertebra (C2 with its dens): only a clear minimum counts
+            prominence, ceiling, wanted = (0.02, 0.97, held - 1) if held >= 3 else (0.08, 0.9, 1)
+            found, _ = find_peaks(-shallow[inner], prominence=prominence * shallow_level)
+            found = found[shallow[found + first] <= ceiling * shallow_level] + first
+            cuts: List[float] = []
+            for index in found[np.argsort(shallow[found], kind="stable")]:
+                position = _plateau_centre(profile.arc_mm, shallow, int(index), lo, hi, 0.03 * shallow_level)
+                if all(abs(position - other) >= min_height_factor * 2.0 * radius for other in cuts):
+                    cuts.append(position)
+                if len(cuts) == wanted:
+                    break
+            accepted.extend(cuts)
+            added = added or bool(cuts)
         if not added:
             break
     return sorted(accepted), start, end
@@ -202,6 +211,10 @@ def find_peaks(values: np.ndarray, *, prominence: float, distance: int = 1) -> T
 #: A segment between two discs longer than this many body radii holds two vertebrae (one
 #: vertebra plus its disc measures 2-2.5 radii from C3 to L5; C2 with its dens about 4).
 OVERLONG_SEGMENT_RADII = 3.6
+
+#: One vertebra plus its disc, in body radii (2-2.5 from C3 to L5): a segment holds about
+#: its length / this many vertebrae.
+VERTEBRA_PITCH_RADII = 2.25
 
 
 def _plateau_centre(arc_mm: np.ndarray, smooth: np.ndarray, index: int, lo: int, hi: int, tolerance: float) -> float:

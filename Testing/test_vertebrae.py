@@ -229,6 +229,23 @@ def test_find_disc_levels_cuts_a_segment_three_vertebrae_long_at_its_faint_dips_
     assert found == []
 
 
+def test_centreline_runs_through_hollow_bodies_not_the_canal_behind_them():
+    # a mask that outlines three bodies in a row as thin open rings (the chest CTA's T3-T7 at
+    # some tilings): in those slices the arch is the thickest part (1 mm voxels: pedicles 5 mm
+    # wide, the rings 3 mm), and before the fix the line ran 16 mm back, through the canal
+    ct, mask, truth = make_spine([(10.0, 20.0)] * 8, disc_mm=5.0, spacing=1.0)
+    z, y, x = np.indices(mask.shape).astype(np.float32)
+    body_y_mm, body_x_mm = 30.0, 1.25 * 10.0 + 75.0  # make_spine: 20 mm + radius; the half width
+    core = ((y - body_y_mm) / 7.0) ** 2 + ((x - body_x_mm) / 9.5) ** 2 <= 1.0
+    hollow = np.isin(truth, [3, 4, 5])
+    mask = ndimage.binary_fill_holes(mask & ~(hollow & core))
+    line = centreline.body_centreline(mask, 1.0, ct_hu=ct)
+    hollow_slices = np.unique(np.nonzero(hollow)[0])
+    solid_slices = np.unique(np.nonzero(np.isin(truth, [1, 2, 6, 7, 8]))[0])
+    assert np.abs(line.y_mm[solid_slices] - body_y_mm).max() < 2.0
+    assert np.abs(line.y_mm[hollow_slices] - body_y_mm).max() < 0.3 * 10.0
+
+
 # ------------------------------------------------------------------------------------ split
 @pytest.mark.parametrize("curve_mm", [0.0, 14.0])
 def test_split_separates_every_vertebra_in_order(curve_mm):

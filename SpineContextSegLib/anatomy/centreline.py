@@ -7,8 +7,8 @@ anterior->posterior, axis 2 right->left), isotropic.
 **Centreline** (:func:`body_centreline`): per axial slice, the centre of the thickest in-plane
 part of the mask (the vertebral body; posterior elements are thin, :func:`in_plane_thickness_mm`),
 smoothed along z; slices through a disc (no body in the mask) are bridged, a stretch of missing
-vertebrae follows the bodies in the CT, and beyond the first and last body the line runs
-straight on along the column's end direction.
+vertebrae (or of hollow bodies, whose thickest part is the arch) follows the bodies in the CT,
+and beyond the first and last body the line runs straight on along the column's end direction.
 
 The later steps place points relative to the line with :func:`centreline_frame` and share the
 grid helpers kept here: ``_spacing3`` (the spacing argument as (z, y, x) mm), ``_padded_box``,
@@ -128,7 +128,9 @@ def body_centreline(mask: np.ndarray, spacing_mm, *, smoothing_mm: float = 6.0, 
     Per axial slice, the centre of the voxels at least 60 % as thick (in-plane distance to
     the background) as the slice's thickest voxel: in a slice through a vertebra that is
     the body. Slices much thinner than their neighbours (discs, posterior elements only)
-    get no weight; the centres are smoothed along z with a Gaussian of ``smoothing_mm``.
+    get no weight, nor do slices whose thickest part is the arch behind a run of hollow
+    bodies (:func:`_arch_only_slices`); the centres are smoothed along z with a Gaussian of
+    ``smoothing_mm``.
     With ``ct_hu``, a stretch of the column without body in the mask that is longer than a
     disc (:data:`EMPTY_STRETCH_RADII` body radii: vertebrae missing from the mask) takes its
     centres from the CT's bone instead (:func:`_bone_centres`), so the line follows the
@@ -223,6 +225,42 @@ def _bone_centres(ct_hu: np.ndarray, line: Centreline, spacing: np.ndarray, slic
     return out
 
 
+def _arch_only_slices(cy: np.ndarray, r_max: np.ndarray, body_slice: np.ndarray, window: int, sigma: float, slice_mm: float) -> np.ndarray:
+    """(D,) bool: slices taken for bodies whose thickest part is the arch behind a hollow body.
+
+    A mask that outlines a run of bodies as thin rings (the chest CTA's T3-T7 at some tilings)
+    leaves the posterior elements the thickest part of those slices, over more than the window
+    that judges thickness: their centres pull the line into the spinal canal, and the body
+    profile along it finds no bone. Between the first and the last slice that is thick against
+    a window twice as long (``solid``), thinner slices whose centres lie more than half a body
+    radius behind the line through the solid slices are not body where they lie in a stretch
+    without body longer than a disc (:data:`EMPTY_STRETCH_RADII`; a few such slices between
+    bodies are a dens or an endplate).
+    ``cy`` (D,) mm, ``r_max`` (D,) mm, ``window`` and ``sigma`` in slices, ``slice_mm`` the
+    slice spacing.
+    """
+    from scipy import ndimage
+
+    wide_peak = ndimage.maximum_filter1d(r_max, size=2 * window + 1, mode="nearest")
+    solid = body_slice & (r_max >= 0.6 * wide_peak)
+    arch = np.zeros(r_max.size, dtype=bool)
+    if np.count_nonzero(solid) < 2:
+        return arch
+    y_solid, support = _weighted_smooth(cy, np.where(solid, r_max ** 2, 0.0), sigma)
+    index = np.arange(r_max.size)
+    defined = support > 1e-6 * float(support.max())
+    y_solid = np.interp(index, index[defined], y_solid[defined])
+    r_solid = np.interp(index, index[solid], r_max[solid])
+    first, last = np.flatnonzero(solid)[[0, -1]]
+    inner = (index > first) & (index < last)
+    behind = inner & body_slice & ~solid & (cy - y_solid > 0.5 * r_solid)
+    no_body = np.flatnonzero(behind | (inner & ~body_slice))
+    for run in np.split(no_body, np.flatnonzero(np.diff(no_body) > 1) + 1):
+        if run.size and run.size * slice_mm > EMPTY_STRETCH_RADII * float(np.median(r_solid[run])):
+            arch[run] = behind[run]
+    return arch
+
+
 def _smooth_centreline(cy: np.ndarray, cx: np.ndarray, r_max: np.ndarray, mask: np.ndarray, spacing: np.ndarray, smoothing_mm: float) -> Centreline:
     """The :class:`Centreline` from per-slice body centres and radii (see :func:`body_centreline`)."""
     from scipy import ndimage
@@ -231,8 +269,9 @@ def _smooth_centreline(cy: np.ndarray, cx: np.ndarray, r_max: np.ndarray, mask: 
     window = max(3, int(round(40.0 / spacing[0])) | 1)
     local_peak = ndimage.maximum_filter1d(r_max, size=window, mode="nearest")
     body_slice = (r_max >= 0.6 * local_peak) & (r_max > 2.0 * float(spacing[1:].max()))
-    weights = np.where(body_slice, r_max ** 2, 0.0)
     sigma = smoothing_mm / spacing[0]
+    body_slice &= ~_arch_only_slices(cy, r_max, body_slice, window, sigma, float(spacing[0]))
+    weights = np.where(body_slice, r_max ** 2, 0.0)
     y_s, support = _weighted_smooth(cy, weights, sigma)
     x_s, _ = _weighted_smooth(cx, weights, sigma)
     radius, _ = _weighted_smooth(r_max, weights, 3 * sigma)

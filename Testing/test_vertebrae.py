@@ -227,6 +227,10 @@ def test_find_disc_levels_cuts_a_segment_three_vertebrae_long_at_its_faint_dips_
     assert np.allclose(found, [32.5, 59.5], atol=1.0)
     found, _, _ = discs.find_disc_levels(column(50, [30.0]))
     assert found == []
+    # a mask's own occupancy dipping as faintly is no disc (partial volume, marrow): only the probability's counts
+    faint_mask = column(81, [32.0, 59.0])
+    found, _, _ = discs.find_disc_levels(discs.BodyProfile(faint_mask.arc_mm, np.minimum(faint_mask.occupancy, faint_mask.probability / 0.99), radius))
+    assert found == []
 
 
 def test_centreline_runs_through_hollow_bodies_not_the_canal_behind_them():

@@ -84,8 +84,8 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -
     With the profile's ``probability`` that search looks there instead: a disc that slices
     thicker than it blur into the bodies leaves the mask full but the probability lower
     (0.75-0.9 of the bodies'). A segment three vertebrae long or more (its length over
-    :data:`VERTEBRA_PITCH_RADII` body radii) is cut at its deepest minima however faint (2 %
-    prominence, up to 97 %), one per hidden disc (3 mm slices: dips to 0.89-0.93).
+    :data:`VERTEBRA_PITCH_RADII` body radii) is cut at the probability's deepest minima however
+    faint (2 % prominence, up to 97 %), one per hidden disc (3 mm slices: dips to 0.89-0.93).
 
     Returns
     -------
@@ -139,10 +139,12 @@ def find_disc_levels(profile: BodyProfile, *, min_height_factor: float = 0.55) -
                 continue
             first = int(np.flatnonzero(inner)[0])
             held = int(round((high - low) / (VERTEBRA_PITCH_RADII * radius)))
-            # as long as three vertebrae or more, the segment surely hides discs: take its
-            # deepest minima however shallow, one per hidden disc; two vertebrae long, it may
-            # be one long vertebra (C2 with its dens): only a clear minimum counts
-            prominence, ceiling, wanted = (0.02, 0.97, held - 1) if held >= 3 else (0.08, 0.9, 1)
+            # as long as three vertebrae or more, the segment surely hides discs: take the
+            # probability's deepest minima however shallow, one per hidden disc (a mask's own
+            # occupancy has faint dips inside bodies too); two vertebrae long, it may be one
+            # long vertebra (C2 with its dens): only a clear minimum counts
+            faint = held >= 3 and profile.probability is not None
+            prominence, ceiling, wanted = (0.02, 0.97, held - 1) if faint else (0.08, 0.9, 1)
             found, _ = find_peaks(-shallow[inner], prominence=prominence * shallow_level)
             found = found[shallow[found + first] <= ceiling * shallow_level] + first
             cuts: List[float] = []

@@ -233,6 +233,18 @@ def test_find_disc_levels_cuts_a_segment_three_vertebrae_long_at_its_faint_dips_
     assert found == []
 
 
+def test_in_plane_thickness_is_each_voxels_distance_to_the_background_of_its_slice():
+    rng = np.random.default_rng(3)
+    mask = ndimage.gaussian_filter(rng.random((20, 40, 35)), 2.0) > 0.5  # blobs, some thick
+    mask[:, [0, -1], :] = mask[:, :, [0, -1]] = False
+    spacing = (3.0, 0.7, 0.9)
+    found = centreline.in_plane_thickness_mm(mask, spacing)
+    expected = np.stack([ndimage.distance_transform_edt(plane, sampling=spacing[1:]) for plane in mask])
+    assert found.dtype == np.float32 and np.allclose(found, expected, atol=1e-5)
+    assert not np.allclose(found, ndimage.distance_transform_edt(mask, sampling=spacing), atol=1e-3)  # in-plane, not 3D
+    mask[7] = True  # a slice without background: as thick as the grid is wide
+    assert np.allclose(centreline.in_plane_thickness_mm(mask, spacing)[7], np.hypot(40 * 0.7, 35 * 0.9))
+
 def test_centreline_runs_through_hollow_bodies_not_the_canal_behind_them():
     # a mask that outlines three bodies in a row as thin open rings (the chest CTA's T3-T7 at
     # some tilings): in those slices the arch is the thickest part (1 mm voxels: pedicles 5 mm

@@ -248,8 +248,8 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         less bone than this is not a vertebra of its own; its voxels join their neighbour.
     probability : (D, H, W) float in [0, 1], optional
         The network's spine probability the mask was thresholded from: a segment as long as
-        two vertebrae is cut at the probability's shallow minimum (a disc that thick slices
-        blur into the mask; :func:`find_disc_levels`).
+        two vertebrae is cut at the probability's shallow minimum, one three or more long at
+        its faintest minima (discs that thick slices blur into the mask; :func:`find_disc_levels`).
     return_details : bool
         Also return a dict with the centreline, profile, disc positions and seeds.
 

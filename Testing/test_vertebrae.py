@@ -176,6 +176,19 @@ def test_keep_largest_pieces_moves_a_stray_piece_to_its_neighbour():
         assert ndimage.label(fixed == value, structure=np.ones((3, 3, 3)))[1] == 1
 
 
+def test_keep_largest_pieces_keeps_the_piece_with_the_anchors_not_the_largest():
+    # label 1: its body (a small piece holding its seeds) and a long arch cut off from it
+    labels = np.zeros((1, 5, 20), dtype=np.int32)
+    labels[0, :, :3] = 1
+    labels[0, :, 3:6] = 2
+    labels[0, :, 6:20] = 1
+    anchors = np.zeros(labels.shape, dtype=bool)
+    anchors[0, 2, 1] = True
+    fixed, removed = split.keep_largest_pieces(labels, anchors=anchors)
+    assert (fixed[0, :, :3] == 1).all() and (fixed[0, :, 6:] == 2).all() and removed == 0
+    assert (split.keep_largest_pieces(labels)[0][0, :, :6] == 2).all()  # without anchors the largest piece stays
+
+
 def test_find_disc_levels_keeps_the_deeper_of_two_close_minima():
     arc = np.arange(0.0, 120.0, 1.0)
     occupancy = np.ones_like(arc)
@@ -290,6 +303,49 @@ def test_split_gives_the_spinous_process_to_its_own_vertebra():
         process = (truth == value) & far_back
         assert process.any()
         assert np.mean(instances[process] == value) >= 0.95
+
+
+def test_split_keeps_each_arch_near_its_vertebra_where_bodies_are_missing():
+    # the bodies of vertebrae 3-6 are missing from the mask (the chest CTA's hollow T3-T7 at
+    # some tilings): their arches join into one bar, along which the arches of vertebrae 2 and
+    # 7 would grow through the gap; each vertebra's bone stays within about one vertebra of it
+    height_mm, disc_mm, radius_mm = 18.0, 5.0, 10.0
+    ct, mask, truth = make_spine([(radius_mm, height_mm)] * 8, disc_mm=disc_mm, spacing=1.5)
+    y = np.indices(mask.shape)[1] * 1.5
+    mask &= ~(np.isin(truth, [3, 4, 5, 6]) & (y < 20.0 + 1.7 * radius_mm))
+    assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 1
+    instances, details = split.split_vertebrae(mask, ct, 1.5, return_details=True)
+    reach_mm = split.REACH_VERTEBRAE * max(height_mm + disc_mm, discs.VERTEBRA_PITCH_RADII * radius_mm)
+    purity = _purity(instances, truth)
+    assert len({purity[vertebra][0] for vertebra in (1, 2, 7, 8)}) == 4  # the whole vertebrae keep their own instances
+    for value in range(1, int(instances.max()) + 1):
+        vertebra = int(np.argmax(np.bincount(truth[instances == value])[1:])) + 1
+        z_mm = np.nonzero(instances == value)[0] * 1.5
+        own_mm = np.nonzero(truth == vertebra)[0] * 1.5
+        assert z_mm.min() >= own_mm.min() - reach_mm, (value, vertebra)
+        assert value == 1 or z_mm.max() <= own_mm.max() + reach_mm, (value, vertebra)
+    geometry = evidence.vertebra_geometry(instances, details["centreline"], 1.5)
+    lows = [g.arc_low_mm for g in geometry]
+    assert lows == sorted(lows, reverse=True)  # every instance is placed by its own body
+
+
+def test_vertebra_geometry_places_an_arch_without_body_at_its_pedicles():
+    # an instance that is an arch alone (its body hollow in the mask): pedicles at one level and
+    # a posterior bar that runs along three vertebrae; its body range is the pedicles' level
+    ct, mask, truth = make_spine([(10.0, 18.0)] * 3, disc_mm=5.0, spacing=1.5)
+    line = centreline.body_centreline(mask, 1.5)
+    z, y, x = np.indices(mask.shape) * 1.5
+    centre_y = np.interp(z, line.z_mm, line.y_mm)
+    centre_x = np.interp(z, line.z_mm, line.x_mm)
+    middle = truth == 2
+    pedicle_z = z[middle].mean()
+    instances = np.zeros(mask.shape, dtype=np.int32)
+    pedicles = (np.abs(z - pedicle_z) <= 6.0) & (y - centre_y > 8.0) & (y - centre_y < 14.0) & (np.abs(x - centre_x) < 6.0)
+    bar = (y - centre_y > 14.0) & (y - centre_y < 18.0) & (np.abs(x - centre_x) < 3.0) & (z > z[mask].min()) & (z < z[mask].max())
+    instances[pedicles | bar] = 1
+    (geometry,) = evidence.vertebra_geometry(instances, line, 1.5)
+    pedicle_arc = float(np.interp(pedicle_z, line.z_mm, line.arc_mm))
+    assert pedicle_arc - 8.0 <= geometry.arc_low_mm and geometry.arc_high_mm <= pedicle_arc + 8.0
 
 
 def test_split_finds_a_disc_that_osteophytes_partly_bridge():

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame, in_plane_thickness_mm
-from SpineContextSegLib.anatomy.split import _CUBE
+from SpineContextSegLib.anatomy.split import _CUBE, MIN_BODY_VOXELS
 
 #: Bone threshold (HU) for ribs, sacrum and skull outside the mask.
 BONE_HU = 200.0
@@ -72,12 +72,17 @@ def vertebra_geometry(instances: np.ndarray, line: Centreline, spacing_mm, field
         offset = np.array([s.start for s in box])
         points = (np.stack(np.unravel_index(flat, where.shape), axis=1) + offset) * spacing
         arc, distance, _, _ = centreline_frame(points, line)
-        core = distance <= 0.6 * line.radius_at_arc(arc)
-        arcs = arc[core] if core.sum() >= 10 else arc
-        low, high = _body_range(arcs, float(spacing[0]))
+        radii = distance / line.radius_at_arc(arc)
+        core = radii <= 0.6
+        if core.sum() < MIN_BODY_VOXELS:
+            # no body in the mask (a hollow one, or an arch alone): its voxels nearest the
+            # centreline, the pedicles at the body's level; never the whole arch, which may
+            # reach along the posterior elements of the vertebrae next to it
+            nearest = min(MIN_BODY_VOXELS, radii.size) - 1
+            core = radii <= np.partition(radii, nearest)[nearest] + 0.6
+        low, high = _body_range(arc[core], float(spacing[0]))
         # judged on the body core: an oblique field of view also has z-edges at its side walls
-        edge_here = edge[box].reshape(-1)[flat]
-        truncated = bool(np.any(edge_here[core]) if core.sum() >= 10 else np.any(edge_here))
+        truncated = bool(np.any(edge[box].reshape(-1)[flat][core]))
         out.append(VertebraGeometry(low, high, points.mean(axis=0), float(line.radius_at_arc(0.5 * (low + high))), flat.size * float(np.prod(spacing)) / 1000.0, truncated))
     return out
 

@@ -11,9 +11,11 @@ vertebra gets three seeds, the core of its body, the bone just behind its body a
 and the midline behind the canal where its laminae meet (so its spinous process is its own even
 where the mask bridges the joints to the vertebra below); the seeds grow through the mask, thick
 bone first (adjacent vertebrae touch at thin necks: facet joints, osteophytes), geodesically
-within a thickness level (:func:`grow_labels`). Every label ends up one 26-connected piece
-(:func:`keep_largest_pieces`); a piece of body that no seed reached (a mask in fragments)
-becomes a segment of its own (:func:`_orphan_pieces`). A mask whose bodies are hollow shells (a
+within a thickness level (:func:`grow_labels`). No vertebra keeps bone more than about one
+vertebra beyond its segment (:func:`_beyond_reach`: an arch that grew along the posterior
+elements of vertebrae missing from the mask); every label ends up one 26-connected piece, the one
+holding its body (:func:`keep_largest_pieces`); a piece of body that no seed reached (a mask in
+fragments) becomes a segment of its own (:func:`_orphan_pieces`). A mask whose bodies are hollow shells (a
 HU threshold) is first closed and filled slice by slice (:func:`fill_slices`).
 
 ``_CUBE`` (26-connectivity) and :data:`THICKNESS_LEVELS` are shared with the later steps.
@@ -25,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from SpineContextSegLib.anatomy.centreline import EMPTY_STRETCH_RADII, Centreline, _padded_box, _points_mm, _spacing3, _tube_voxels, body_centreline, centreline_frame
-from SpineContextSegLib.anatomy.discs import BodyProfile, body_profile, find_disc_levels
+from SpineContextSegLib.anatomy.discs import VERTEBRA_PITCH_RADII, BodyProfile, body_profile, find_disc_levels
 from SpineContextSegLib.errors import SegmentationError
 
 #: Number of thickness levels of the seeded growth (see :func:`grow_labels`).
@@ -100,17 +102,21 @@ def grow_labels(seeds: np.ndarray, region: np.ndarray, cost: Optional[np.ndarray
     return out
 
 
-def keep_largest_pieces(labels: np.ndarray, several_pieces: Sequence[int] = ()) -> Tuple[np.ndarray, int]:
+def keep_largest_pieces(labels: np.ndarray, several_pieces: Sequence[int] = (), anchors: Optional[np.ndarray] = None) -> Tuple[np.ndarray, int]:
     """Make every label one 26-connected piece.
 
-    Smaller pieces of a label go to the neighbouring label they touch most; pieces that
-    touch no other label become 0.
+    The piece that stays is the largest, or with ``anchors`` the one holding the most anchor
+    voxels (the largest among equals). The other pieces of a label go to the neighbouring
+    label they touch most; pieces that touch no other label become 0.
 
     Parameters
     ----------
     labels : (D, H, W) int
         0 = background.
     several_pieces : labels left as they are (a vertebra the mask holds in pieces).
+    anchors : (D, H, W) bool, optional
+        Where a label's own piece lies (the seeds of its body): an arch that grew along the
+        posterior elements of vertebrae missing from the mask can outweigh its body.
 
     Returns
     -------
@@ -134,7 +140,11 @@ def keep_largest_pieces(labels: np.ndarray, several_pieces: Sequence[int] = ()) 
                 continue
             sizes = np.bincount(pieces.ravel())
             sizes[0] = 0
-            largest = int(np.argmax(sizes))
+            score = sizes.astype(np.float64)
+            if anchors is not None:
+                score += (sizes.max() + 1.0) * np.bincount(pieces[anchors[box]], minlength=count + 1)
+                score[0] = 0
+            largest = int(np.argmax(score))
             for piece in range(1, count + 1):
                 if piece == largest:
                     continue
@@ -326,6 +336,7 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     in_lamina_junction = (posterior > 1.4 * slice_radius) & (posterior < 2.8 * slice_radius) & (np.abs(left) < 0.3 * slice_radius)
     segments = _solid_segments(profile, [(low, high) for low, high in zip(bounds[:-1], bounds[1:]) if high - low > 2.0 * spacing[0]])
     seeds = np.zeros(mask.shape, dtype=np.int32)
+    body_seeds = np.zeros(mask.shape, dtype=bool)
     count = len(segments)
     for order, (low, high) in enumerate(segments):
         length = high - low
@@ -333,6 +344,7 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         body = in_body & (arc >= low + 0.25 * length) & (arc <= high - 0.25 * length)
         arch = ((in_arch & (arc >= low + 0.25 * length)) | (in_lamina_junction & (arc >= low))) & (arc <= low + 0.6 * length)
         seeds.reshape(-1)[tube[body | arch]] = value
+        body_seeds.reshape(-1)[tube[body]] = True
     if count == 0:  # no body column at all: one label for the largest piece
         pieces, _ = ndimage.label(mask, structure=_CUBE)
         seeds[pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1)] = 1
@@ -344,7 +356,10 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     instances = grow_labels(seeds, filled, -depth_mm, THICKNESS_LEVELS)
     del depth_mm
     instances[~mask] = 0
-    instances, removed = keep_largest_pieces(instances)
+    overreach = _beyond_reach(instances, [(count - order, low, high) for order, (low, high) in enumerate(segments)], line, spacing)
+    instances[overreach] = 0
+    instances, removed = keep_largest_pieces(instances, anchors=body_seeds)
+    removed += int(np.count_nonzero(overreach))
 
     # a segment too small to be a vertebra (a sliver at the field-of-view edge) joins its neighbour
     sizes = np.bincount(instances.ravel(), minlength=len(segments) + 1)[1:] * voxel_ml
@@ -363,11 +378,50 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         segments = [segments[count - v] for v in kept]  # instance order
     else:
         segments = segments[::-1]
-    instances, segments, orphans = _orphan_pieces(instances, mask, segments, line, spacing, min_vertebra_ml)
+    instances, segments, orphans = _orphan_pieces(instances, mask & ~overreach, segments, line, spacing, min_vertebra_ml)
     removed -= orphans
     if return_details:
         return instances, {"centreline": line, "profile": profile, "discs": discs, "segments": segments, "seeds": seeds, "removed_voxels": removed, "hollow_mask": hollow}
     return instances
+
+
+#: A vertebra reaches at most this many vertebrae beyond its segment along the centreline (its
+#: spinous process hangs down to the level below, its articular processes reach up to it).
+REACH_VERTEBRAE = 1.25
+#: An instance with fewer voxels than this within 0.6 body radii of the centreline has no body in
+#: the mask: an arch alone (its body hollow or missing).
+MIN_BODY_VOXELS = 10
+
+
+def _beyond_reach(instances: np.ndarray, ranges: Sequence[Tuple[int, float, float]], line: Centreline, spacing: np.ndarray) -> np.ndarray:
+    """Voxels of each instance more than :data:`REACH_VERTEBRAE` vertebrae beyond its segment.
+
+    ``ranges`` holds (label, arc_low_mm, arc_high_mm) per segment; one vertebra is the longer
+    of the segment and :data:`~SpineContextSegLib.anatomy.discs.VERTEBRA_PITCH_RADII` body
+    radii. Where the bodies of a run of vertebrae are missing from the mask (hollow, or thin
+    rings), those vertebrae have no segment and the arch of a neighbour grows along all their
+    posterior elements; that piece can outweigh the neighbour's body, which
+    :func:`keep_largest_pieces` would then give away (the chest CTA at an odd tiling: an
+    instance of arch alone, 94 mm tall, read as a neck). The most cranial instance may reach
+    up without limit: C2's segment takes in the ring of C1 above it. Returns (D, H, W) bool.
+    """
+    out = np.zeros(instances.shape, dtype=bool)
+    flat = np.flatnonzero(instances)
+    if flat.size == 0:
+        return out
+    arc, _, _, _ = centreline_frame(_points_mm(flat, instances.shape, spacing), line)
+    values = instances.reshape(-1)[flat]
+    lowest = np.full(int(values.max()) + 1, -np.inf)
+    highest = np.full(int(values.max()) + 1, np.inf)
+    for value, low, high in ranges:
+        if value <= 0 or value >= lowest.size:
+            continue
+        vertebra = max(high - low, VERTEBRA_PITCH_RADII * float(line.radius_at_arc(0.5 * (low + high))))
+        lowest[value] = low - REACH_VERTEBRAE * vertebra
+        if value > 1:  # the most cranial may be C2 with the ring of C1 (no body of its own) far above
+            highest[value] = high + REACH_VERTEBRAE * vertebra
+    out.reshape(-1)[flat[(arc < lowest[values]) | (arc > highest[values])]] = True
+    return out
 
 
 #: A piece of the mask on the column that no seed reaches becomes a segment of its own from this

@@ -258,6 +258,20 @@ def test_in_plane_thickness_is_each_voxels_distance_to_the_background_of_its_sli
     mask[7] = True  # a slice without background: as thick as the grid is wide
     assert np.allclose(centreline.in_plane_thickness_mm(mask, spacing)[7], np.hypot(40 * 0.7, 35 * 0.9))
 
+
+def test_depth_is_each_voxels_3d_distance_to_the_background():
+    rng = np.random.default_rng(5)
+    mask = ndimage.gaussian_filter(rng.random((24, 30, 28)), 2.0) > 0.5  # blobs, some touching the grid's edge
+    for spacing in (1.3, (1.2, 0.7, 0.9)):  # the working grid; any grid
+        found = centreline.depth_mm(mask, spacing)
+        expected = ndimage.distance_transform_edt(mask, sampling=np.broadcast_to(spacing, 3)).astype(np.float32)
+        assert found.dtype == np.float32 and found.shape == mask.shape
+        # the same values, so equal distances stay equal (the seeded growth's thickness levels compare them)
+        assert np.allclose(found, expected, rtol=1e-6, atol=0) and len(np.unique(found)) == len(np.unique(expected))
+    full = np.ones((4, 5, 6), dtype=bool)  # no background at all: scipy's convention
+    assert np.allclose(centreline.depth_mm(full, 1.0), ndimage.distance_transform_edt(full))
+
+
 def test_centreline_runs_through_hollow_bodies_not_the_canal_behind_them():
     # a mask that outlines three bodies in a row as thin open rings (the chest CTA's T3-T7 at
     # some tilings): in those slices the arch is the thickest part (1 mm voxels: pedicles 5 mm

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, body_centreline, centreline_frame
+from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, body_centreline, centreline_frame, depth_mm
 from SpineContextSegLib.anatomy.evidence import Rib, RibScan, VertebraGeometry, bone_beyond_column, find_ribs, lungs_beside, vertebra_geometry
 from SpineContextSegLib.anatomy.naming_model import (
     ATLAS_AXIS, CHAIN_PRIORS, HEIGHT_SCALE_LOG_SIGMA, HEIGHT_SCALES, _chain_model, _chains, _forward_backward, _log_likelihood_tables, _logsumexp, _path_log_scores, _verse_ids_of,
@@ -433,8 +433,6 @@ def split_atlas_from_axis(verse_labels: np.ndarray, line: Centreline, spacing_mm
     of the centreline) and the lower 60 % seed C2; the seeds grow through the segment,
     thick bone first, as in :func:`split_vertebrae`.
     """
-    from scipy import ndimage
-
     spacing = _spacing3(spacing_mm)
     segment = verse_labels == 2
     if not segment.any():
@@ -448,8 +446,7 @@ def split_atlas_from_axis(verse_labels: np.ndarray, line: Centreline, spacing_mm
     seeds.reshape(-1)[flat[(arc < cut - 2.0) | (distance <= 4.0)]] = 2
     if not (seeds == 1).any():
         return verse_labels
-    depth_mm = ndimage.distance_transform_edt(segment, sampling=spacing)
-    grown = grow_labels(seeds, segment, -depth_mm, THICKNESS_LEVELS)
+    grown = grow_labels(seeds, segment, -depth_mm(segment, spacing), THICKNESS_LEVELS)
     parts, _ = keep_largest_pieces(grown)
     out = verse_labels.copy()
     out[segment] = np.where(parts[segment] == 1, 1, 2).astype(out.dtype)

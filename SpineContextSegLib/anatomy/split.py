@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import EMPTY_STRETCH_RADII, Centreline, _padded_box, _points_mm, _spacing3, _tube_voxels, body_centreline, centreline_frame
+from SpineContextSegLib.anatomy.centreline import EMPTY_STRETCH_RADII, Centreline, _padded_box, _points_mm, _spacing3, _tube_voxels, body_centreline, centreline_frame, depth_mm
 from SpineContextSegLib.anatomy.discs import VERTEBRA_PITCH_RADII, BodyProfile, body_profile, find_disc_levels
 from SpineContextSegLib.errors import SegmentationError
 
@@ -351,10 +351,10 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
         segments = [(start, end)]
     # thick bone first: adjacent vertebrae meet at thin necks (facet joints, osteophytes)
     box = _padded_box(filled)
-    depth_mm = np.zeros(mask.shape, dtype=np.float32)
-    depth_mm[box] = ndimage.distance_transform_edt(filled[box], sampling=spacing)
-    instances = grow_labels(seeds, filled, -depth_mm, THICKNESS_LEVELS)
-    del depth_mm
+    depth = np.zeros(mask.shape, dtype=np.float32)
+    depth[box] = depth_mm(filled[box], spacing)
+    instances = grow_labels(seeds, filled, -depth, THICKNESS_LEVELS)
+    del depth
     instances[~mask] = 0
     overreach = _beyond_reach(instances, [(count - order, low, high) for order, (low, high) in enumerate(segments)], line, spacing)
     instances[overreach] = 0

@@ -162,6 +162,59 @@ def test_grow_labels_cuts_a_dumbbell_at_its_neck():
     assert (grown[~region] == 0).all()
 
 
+def _flood_every_labelled_voxel(seeds, region, cost, levels):
+    """grow_labels as first written: every labelled voxel looks at its neighbours at each level (the reference)."""
+    voxels, neighbours = split._neighbour_table(region | (seeds > 0))
+    labels = seeds.reshape(-1)[voxels].astype(np.int32)
+    voxel_cost = cost.reshape(-1)[voxels].astype(np.float64)
+    thresholds = list(np.quantile(voxel_cost, np.linspace(1.0 / levels, 1.0, levels)))
+    thresholds[-1] = np.inf
+    for threshold in thresholds:
+        allowed = voxel_cost <= threshold
+        frontier = np.flatnonzero(labels > 0)
+        while frontier.size:
+            targets = neighbours[frontier].ravel()
+            sources = np.repeat(labels[frontier], neighbours.shape[1])
+            ok = (targets >= 0)
+            targets, sources = targets[ok], sources[ok]
+            ok = (labels[targets] == 0) & allowed[targets]
+            targets, sources = targets[ok], sources[ok]
+            if targets.size == 0:
+                break
+            targets, first = np.unique(targets, return_index=True)
+            labels[targets] = sources[first]
+            frontier = targets
+    out = np.zeros(seeds.shape, dtype=np.int32)
+    out.reshape(-1)[voxels] = labels
+    return out
+
+
+@pytest.mark.parametrize("labelled_share", [0.001, 0.9])
+def test_grow_labels_takes_the_same_steps_as_flooding_from_every_labelled_voxel(labelled_share):
+    # grow_labels looks only at labelled voxels next to open ones where those are fewer (the
+    # labels mapped back onto the CT's grid: nearly all labelled); the result must not change,
+    # ties included (the first source in voxel order wins)
+    rng = np.random.default_rng(11)
+    region = ndimage.gaussian_filter(rng.random((18, 26, 22)), 1.5) > 0.45
+    seeds = np.where(region & (rng.random(region.shape) < labelled_share), rng.integers(1, 6, region.shape), 0).astype(np.int32)
+    cost = -ndimage.distance_transform_edt(region)
+    for levels in (1, 6):
+        expected = _flood_every_labelled_voxel(seeds, region, cost, levels)
+        assert np.array_equal(split.grow_labels(seeds, region, cost, levels), expected)
+    assert (expected[region] > 0).mean() > 0.9
+
+
+@pytest.mark.parametrize("shape", [(30, 36, 28), (40, 50), (1, 6, 7)])
+def test_fill_holes_and_dilate_cube_are_scipys(shape):
+    rng = np.random.default_rng(sum(shape))
+    mask = ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.48  # blobs with enclosed holes, touching the edges
+    assert np.array_equal(split.fill_holes(mask), ndimage.binary_fill_holes(mask))
+    assert np.array_equal(split.dilate_cube(mask), ndimage.binary_dilation(mask, structure=np.ones((3,) * mask.ndim, dtype=bool)))
+    if len(shape) == 3 and shape[0] > 1:
+        assert (ndimage.binary_fill_holes(mask) & ~mask).any()  # the case has holes to fill
+    assert not split.fill_holes(np.zeros(shape, dtype=bool)).any() and split.fill_holes(np.ones(shape, dtype=bool)).all()
+
+
 def test_keep_largest_pieces_moves_a_stray_piece_to_its_neighbour():
     labels = np.zeros((1, 5, 14), dtype=np.int32)
     labels[0, :, :5] = 1

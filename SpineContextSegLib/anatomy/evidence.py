@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame, in_plane_thickness_mm
-from SpineContextSegLib.anatomy.split import _CUBE, MIN_BODY_VOXELS
+from SpineContextSegLib.anatomy.split import _CUBE, MIN_BODY_VOXELS, dilate_cube
 
 #: Bone threshold (HU) for ribs, sacrum and skull outside the mask.
 BONE_HU = 200.0
@@ -243,7 +243,7 @@ def find_ribs(ct_hu: np.ndarray, instances: np.ndarray, line: Centreline, spacin
     del window
     spine = np.asarray(instances)[box] > 0
     bone = in_band & fov & (ct_hu[box] >= BONE_HU)
-    bone &= ~ndimage.binary_dilation(spine, structure=_CUBE)
+    bone &= ~dilate_cube(spine)
     pieces, count = ndimage.label(bone, structure=_CUBE)
     if count == 0:
         return RibScan([], view)
@@ -438,7 +438,7 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
     flat = tube[region] + z_lo * instances.shape[1] * instances.shape[2]
     posterior, left = posterior[region], left[region]
     fov = inside_fov.reshape(-1)[flat]
-    spine_near = ndimage.binary_dilation(instances[z_lo:z_hi] > 0, structure=_CUBE).reshape(-1)[tube[region]]
+    spine_near = dilate_cube(instances[z_lo:z_hi] > 0).reshape(-1)[tube[region]]
 
     def is_bone(part: slice) -> np.ndarray:
         found = ct_hu[part] >= END_BONE_HU
@@ -455,7 +455,7 @@ def bone_beyond_column(instances: np.ndarray, ct_hu: np.ndarray, line: Centrelin
         # the bone pieces the region's bone belongs to, within 80 mm of the region along z
         margin = int(math.ceil(80.0 / spacing[0]))
         part = slice(max(0, z_lo - margin), min(instances.shape[0], z_hi + margin))
-        all_bone = is_bone(part) & inside_fov[part] & ~ndimage.binary_dilation(instances[part] > 0, structure=_CUBE)
+        all_bone = is_bone(part) & inside_fov[part] & ~dilate_cube(instances[part] > 0)
         pieces, _ = ndimage.label(all_bone, structure=_CUBE)
         sizes = np.bincount(pieces.ravel())
         touched = np.unique(pieces.reshape(-1)[flat[bone] - part.start * instances.shape[1] * instances.shape[2]])

@@ -572,6 +572,22 @@ def test_without_any_anchor_the_confidence_stays_low():
     _assert_anatomical(labels)
 
 
+def test_upper_sacrum_is_found_below_l5_and_is_the_same_as_over_the_whole_grid(monkeypatch):
+    from SpineContextSegLib.anatomy import sacrum as sacrum_module
+    from SpineContextSegLib.labels import vertebra_by_name
+
+    ct, mask, truth = make_spine(LUMBAR, sacrum=True)
+    verse = np.zeros(truth.shape, dtype=np.uint8)
+    for index, name in enumerate(["L1", "L2", "L3", "L4", "L5"], start=1):
+        verse[truth == index] = vertebra_by_name(name).value
+    line = centreline.body_centreline(mask, 2.0)
+    found = sacrum_module.segment_upper_sacrum(verse, ct, line, 2.0)
+    assert found.sum() * 8e-3 > 5.0 and np.nonzero(found)[0].max() < np.nonzero(truth == 5)[0].min() and not (found & mask).any()
+    # the closing and filling work in the bone's box plus two voxels: the same as over the whole grid
+    monkeypatch.setattr(sacrum_module, "_padded_box", lambda array, pad: (slice(None),) * array.ndim)
+    assert np.array_equal(sacrum_module.segment_upper_sacrum(verse, ct, line, 2.0), found)
+
+
 # ------------------------------------------------------------------------------------ images
 def test_label_vertebrae_returns_verse_ids_on_the_input_grid():
     sitk = pytest.importorskip("SimpleITK")

@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame
-from SpineContextSegLib.anatomy.split import _CUBE
+from SpineContextSegLib.anatomy.centreline import Centreline, _padded_box, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame
+from SpineContextSegLib.anatomy.split import _CUBE, fill_holes
 
 #: Bone threshold (HU) for the sacrum segment: lower than :data:`BONE_HU` so that its cancellous
 #: core counts, still above muscle and the L5/S1 disc.
@@ -77,8 +77,13 @@ def segment_upper_sacrum(verse_labels: np.ndarray, ct_hu: np.ndarray, line: Cent
         return out
     inside = np.zeros(labelled.shape, dtype=bool)
     inside.reshape(-1)[flat] = True
-    out = ndimage.binary_fill_holes(ndimage.binary_closing(out, structure=_CUBE)) & inside & ~labelled
-    pieces, count = ndimage.label(out, structure=_CUBE)
+    # in the bone's box plus two voxels (the closing reaches one voxel out, and the filling needs
+    # background around that): the same result as over the whole grid, a tenth of the work
+    box = _padded_box(out, pad=2)
+    part = fill_holes(ndimage.binary_closing(out[box], structure=_CUBE)) & inside[box] & ~labelled[box]
+    pieces, count = ndimage.label(part, structure=_CUBE)
     if count > 1:
-        out = pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1)
+        part = pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1)
+    out[:] = False
+    out[box] = part
     return out

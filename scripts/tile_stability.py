@@ -2,7 +2,8 @@
 
 For each CT, runs ``--task vertebrae`` twice (tile overlap 0.25 and 0.5; everything else the
 model card's) and prints the Dice of the two spine masks and the mean Dice over the vertebra
-names found by either run (a name that one run gives and the other does not scores 0).
+names found by either run (a name that one run gives and the other does not scores 0), and the
+three names whose voxels moved most.
 
 Usage: python scripts/tile_stability.py [--model DIR] CT [CT ...]
        e.g. ../shared/data/real/*/ct.nii.gz runs/ctchest4/images/CTChest4.nii.gz
@@ -34,8 +35,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     options = SegmentOptions(model_dir=args.model, task="vertebrae")
     bundle, engine = load_model_and_engine(options)
-    print("| CT | mask Dice | mean name Dice | names at 0.25 | names at 0.5 |")
-    print("|---|---:|---:|---|---|")
+    print("| CT | mask Dice | mean name Dice | least steady names (Dice) | names at 0.25 | names at 0.5 |")
+    print("|---|---:|---:|---|---|---|")
     for path in args.cts:
         image = read_image(path)
         labels = {}
@@ -44,14 +45,16 @@ def main(argv=None) -> int:
             labels[overlap] = sitk.GetArrayFromImage(result.mask)
         first, second = (labels[overlap] for overlap in OVERLAPS)
         names = sorted((set(np.unique(first)) | set(np.unique(second))) - {0})
-        name_dice = float(np.mean([dice(first == value, second == value) for value in names])) if names else 1.0
+        per_name = {int(value): dice(first == value, second == value) for value in names}
+        name_dice = float(np.mean(list(per_name.values()))) if names else 1.0
+        least = " ".join(f"{vertebra_by_verse_id(v).name} {d:.2f}" for v, d in sorted(per_name.items(), key=lambda item: item[1])[:3])
 
         def readable(array) -> str:
             present = [int(v) for v in np.unique(array) if v]
             return " ".join(vertebra_by_verse_id(v).name for v in present)
 
         case = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.basename(path).startswith("ct.") else os.path.basename(path)
-        print(f"| {case} | {dice(first > 0, second > 0):.3f} | {name_dice:.3f} | {readable(first)} | {readable(second)} |", flush=True)
+        print(f"| {case} | {dice(first > 0, second > 0):.3f} | {name_dice:.3f} | {least} | {readable(first)} | {readable(second)} |", flush=True)
     return 0
 
 

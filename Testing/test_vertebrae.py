@@ -208,11 +208,11 @@ def test_grow_labels_takes_the_same_steps_as_flooding_from_every_labelled_voxel(
 def test_fill_holes_and_dilate_cube_are_scipys(shape):
     rng = np.random.default_rng(sum(shape))
     mask = ndimage.gaussian_filter(rng.random(shape), 1.5) > 0.48  # blobs with enclosed holes, touching the edges
-    assert np.array_equal(split.fill_holes(mask), ndimage.binary_fill_holes(mask))
-    assert np.array_equal(split.dilate_cube(mask), ndimage.binary_dilation(mask, structure=np.ones((3,) * mask.ndim, dtype=bool)))
+    assert np.array_equal(centreline.fill_holes(mask), ndimage.binary_fill_holes(mask))
+    assert np.array_equal(centreline.dilate_cube(mask), ndimage.binary_dilation(mask, structure=np.ones((3,) * mask.ndim, dtype=bool)))
     if len(shape) == 3 and shape[0] > 1:
         assert (ndimage.binary_fill_holes(mask) & ~mask).any()  # the case has holes to fill
-    assert not split.fill_holes(np.zeros(shape, dtype=bool)).any() and split.fill_holes(np.ones(shape, dtype=bool)).all()
+    assert not centreline.fill_holes(np.zeros(shape, dtype=bool)).any() and centreline.fill_holes(np.ones(shape, dtype=bool)).all()
 
 
 def test_keep_largest_pieces_moves_a_stray_piece_to_its_neighbour():

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame, in_plane_thickness_mm
-from SpineContextSegLib.anatomy.split import _CUBE, MIN_BODY_VOXELS, dilate_cube
+from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame, dilate_cube, in_plane_thickness_mm
+from SpineContextSegLib.anatomy.split import _CUBE, MIN_BODY_VOXELS
 
 #: Bone threshold (HU) for ribs, sacrum and skull outside the mask.
 BONE_HU = 200.0

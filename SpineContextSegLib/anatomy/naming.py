@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, body_centreline, centreline_frame, depth_mm
+from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spacing3, body_centreline, centreline_frame, depth_mm, fill_holes
 from SpineContextSegLib.anatomy.evidence import Rib, RibScan, VertebraGeometry, bone_beyond_column, find_ribs, lungs_beside, vertebra_geometry
 from SpineContextSegLib.anatomy.naming_model import (
     ATLAS_AXIS, CHAIN_PRIORS, HEIGHT_SCALE_LOG_SIGMA, HEIGHT_SCALES, _chain_model, _chains, _forward_backward, _log_likelihood_tables, _logsumexp, _path_log_scores, _verse_ids_of,
@@ -267,8 +267,6 @@ def name_vertebrae(
     """
     import time
 
-    from scipy import ndimage
-
     from SpineContextSegLib.labels import vertebra_by_verse_id
 
     clock = time.perf_counter()
@@ -277,7 +275,7 @@ def name_vertebrae(
     count = int(instances.max()) if instances.size else 0
     if count == 0:
         raise SegmentationError("no_spine_found", "No vertebra to name: the instance map is empty.")
-    line = centreline if centreline is not None else body_centreline(ndimage.binary_fill_holes(instances > 0), spacing)
+    line = centreline if centreline is not None else body_centreline(fill_holes(instances > 0), spacing)
     if geometry is None:
         geometry = vertebra_geometry(instances, line, spacing, field_of_view)
     scan = find_ribs(ct_hu, instances, line, spacing, field_of_view)

@@ -13,8 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import Centreline, _padded_box, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame
-from SpineContextSegLib.anatomy.split import _CUBE, fill_holes
+from SpineContextSegLib.anatomy.centreline import Centreline, _padded_box, _points_mm, _spacing3, _sub_centreline, _tube_voxels, centreline_frame, fill_holes
+from SpineContextSegLib.anatomy.split import _CUBE
 
 #: Bone threshold (HU) for the sacrum segment: lower than :data:`BONE_HU` so that its cancellous
 #: core counts, still above muscle and the L5/S1 disc.

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from SpineContextSegLib.anatomy.centreline import EMPTY_STRETCH_RADII, Centreline, _padded_box, _points_mm, _spacing3, _tube_voxels, body_centreline, centreline_frame, depth_mm
+from SpineContextSegLib.anatomy.centreline import EMPTY_STRETCH_RADII, Centreline, _padded_box, _points_mm, _spacing3, _tube_voxels, body_centreline, centreline_frame, depth_mm, dilate_cube, fill_holes
 from SpineContextSegLib.anatomy.discs import VERTEBRA_PITCH_RADII, BodyProfile, body_profile, find_disc_levels
 from SpineContextSegLib.errors import SegmentationError
 
@@ -34,35 +34,6 @@ from SpineContextSegLib.errors import SegmentationError
 THICKNESS_LEVELS = 16
 #: 26-connectivity: the pieces of a label and the ring around a piece (shared by the later steps).
 _CUBE = np.ones((3, 3, 3), dtype=bool)
-
-
-def dilate_cube(mask: np.ndarray) -> np.ndarray:
-    """``mask`` (bool, any shape) grown by one voxel in every direction, 26-connected.
-
-    The same as ``scipy.ndimage.binary_dilation(mask, structure=_CUBE)``, as a separable
-    maximum filter: three times faster on the band beside a chest's column.
-    """
-    from scipy import ndimage
-
-    return ndimage.maximum_filter(np.asarray(mask, dtype=bool).view(np.uint8), size=3, mode="constant", cval=0).view(bool)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``mask`` (bool, any shape) with its enclosed holes filled.
-
-    The same as ``scipy.ndimage.binary_fill_holes(mask)`` (background that no face-connected
-    path joins to the array's border is a hole), from one labelling of the background instead of
-    dilations repeated until nothing changes: five times faster on a spine's box.
-    """
-    from scipy import ndimage
-
-    background, count = ndimage.label(~np.asarray(mask, dtype=bool))
-    outside = np.zeros(count + 1, dtype=bool)
-    for axis in range(background.ndim):
-        for end in (0, -1):
-            outside[np.take(background, end, axis=axis)] = True
-    outside[0] = False  # the mask itself
-    return ~outside[background]
 
 
 # --------------------------------------------------------------------------- growing
@@ -231,7 +202,7 @@ def fill_slices(mask: np.ndarray, spacing_mm, *, closing_mm: float = 3.0) -> np.
     out = np.asarray(mask, dtype=bool).copy()
     for z in np.flatnonzero(out.any(axis=(1, 2))):
         closed = ndimage.binary_closing(np.pad(out[z], pad), structure=disc)[pad:-pad, pad:-pad]
-        out[z] |= ndimage.binary_fill_holes(closed)
+        out[z] |= fill_holes(closed)
     return out
 
 

@@ -81,6 +81,34 @@ def test_vertebrae_missing_from_the_mask_are_counted_from_their_ribs(chest, miss
     assert info["anchored"] and info["confidence"] > 0.5
 
 
+@pytest.mark.parametrize("missing", [("T6",), ("T5", "T6")])
+def test_vertebrae_missing_from_the_split_outline_get_their_bone_in_the_filled_one(chest, missing):
+    # the names are made on one outline (the network's coarse pass), the labels fill a larger
+    # one (fit_mask: the fine pass's bodies); vertebrae the first lost whole used to go to
+    # their neighbours there (the chest CTA in 2.5 mm slices: T4, T6 and T7 labelled T3, T5, T8)
+    mask = _without(chest, missing)
+    truth = sitk.GetArrayFromImage(chest.vertebra_labels)
+    whole = sitk.GetArrayFromImage(chest.spine_mask)
+    labels, info = vertebra_labelling.label_vertebrae(_with_mask(chest, mask), chest.ct, spacing_mm=WORKING_MM, fit_mask=_with_mask(chest, whole))
+    named = _majority_names(labels, truth, whole)
+    assert [found for _, found in named] == [true for true, _ in named], named
+    assert info["filled_levels"] == list(missing) and info["missing_levels"] == []
+    assert info["names"] == [true for true, _ in named]
+    out = sitk.GetArrayFromImage(labels)
+    for name in missing:
+        value = vertebra_by_name(name).value
+        assert np.mean(out[truth == value] == value) > 0.5, name
+
+
+def test_vertebrae_missing_from_both_outlines_stay_missing(chest):
+    mask = _without(chest, ("T6",))
+    truth = sitk.GetArrayFromImage(chest.vertebra_labels)
+    labels, info = vertebra_labelling.label_vertebrae(_with_mask(chest, mask), chest.ct, spacing_mm=WORKING_MM, fit_mask=_with_mask(chest, mask))
+    assert info["filled_levels"] == [] and info["missing_levels"] == ["T6"]
+    assert not np.any(sitk.GetArrayFromImage(labels) == vertebra_by_name("T6").value)
+    assert [found for _, found in _majority_names(labels, truth, mask)] == [true for true, _ in _majority_names(labels, truth, mask)]
+
+
 def test_vertebrae_in_pieces_are_not_counted_as_levels(chest):
     # every other vertebra from T2 to T8 cut in two (a 10 mm band out of its middle); before,
     # a piece counted as a vertebra of its own and the names above it shifted (T1 was called T2)

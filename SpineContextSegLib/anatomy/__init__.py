@@ -14,7 +14,9 @@ images, no files. The data flows **centreline -> split -> evidence -> naming**, 
     the centreline (``BodyProfile``, ``find_peaks``).
 ``split``
     :func:`~SpineContextSegLib.anatomy.split.split_vertebrae` (step 2: one segment per vertebra,
-    cut at the discs), with ``grow_labels``, ``keep_largest_pieces`` and ``fill_slices``.
+    cut at the discs), with ``grow_labels``, ``keep_largest_pieces`` and ``fill_slices``; after
+    the naming, ``seed_missing_levels`` gives the levels it found missing seeds in a larger
+    outline of the same spine (the labels fill that outline).
 ``evidence``
     What the CT and the segments show (step 3, first half):
     :func:`~SpineContextSegLib.anatomy.evidence.vertebra_geometry`,

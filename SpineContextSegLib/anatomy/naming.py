@@ -257,6 +257,8 @@ def name_vertebrae(
         ``lowest_rib_vertebra``, ``first_rib_vertebra`` as instance numbers, ``ribs_found``),
         ``method`` (the anchors that agree with the chosen names, or ``"body size only"``),
         ``missing_levels`` (names inferred between segments, absent from the mask),
+        ``missing_between`` ([{"below_instance": i, "verse_ids": [...]}]: the levels missing
+        between instance i and i + 1, top first),
         ``fragments`` (segments that are further pieces of the vertebra above),
         ``height_scale`` (most likely), ``alternatives`` (the next best namings with their
         probabilities), ``evidence`` (per segment: its ``name`` and ``confidence`` (posterior
@@ -346,11 +348,13 @@ def name_vertebrae(
         verse_labels = split_atlas_from_axis(verse_labels, line, spacing)
     chain_states = model.names[1:]
     missing: List[int] = []
-    for upper, lower in zip(best_path[:-1], best_path[1:]):
+    missing_between: List[Dict[str, object]] = []
+    for upper_instance, (upper, lower) in enumerate(zip(best_path[:-1], best_path[1:]), start=1):
         if model.position[lower] - model.position[upper] > 1:
             first = chain_states.index(model.names[upper] if model.names[upper] != ATLAS_AXIS else 2) + 1
             last = chain_states.index(model.names[lower])
             missing.extend(chain_states[first:last])
+            missing_between.append({"below_instance": upper_instance, "verse_ids": [int(v) for v in chain_states[first:last]]})
     fragments = [i + 2 for i in range(count - 1) if best_path[i] == best_path[i + 1]]
     rib_bearing = [i + 1 for i, evidence in enumerate(ribs) if evidence.get("right") or evidence.get("left")]
     lowest_rib = rib_bearing[-1] if rib_bearing else None
@@ -403,6 +407,7 @@ def name_vertebrae(
             "lowest_rib_vertebra": lowest_rib, "first_rib_vertebra": first_rib, "ribs_found": len(scan.ribs),
         },
         "missing_levels": [vertebra_by_verse_id(v).name for v in missing],
+        "missing_between": missing_between,
         "fragments": fragments,
         "height_scale": round(best_scale, 2) if best_scale else None,
         "alternatives": [{"names": span(key), "probability": round(p, 3)} for key, p in ranked[1:4]],

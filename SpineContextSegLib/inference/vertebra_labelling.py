@@ -22,7 +22,7 @@ from SpineContextSegLib.anatomy.centreline import _padded_box
 from SpineContextSegLib.anatomy.evidence import caudal_fragment, vertebra_geometry
 from SpineContextSegLib.anatomy.naming import name_vertebrae
 from SpineContextSegLib.anatomy.sacrum import segment_upper_sacrum
-from SpineContextSegLib.anatomy.split import _CUBE, grow_labels, keep_largest_pieces, split_vertebrae
+from SpineContextSegLib.anatomy.split import _CUBE, grow_labels, keep_largest_pieces, seed_missing_levels, split_vertebrae
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.io.grids import check_same_grid
 
@@ -100,9 +100,10 @@ def label_vertebrae(
     The mask's bounding box plus :data:`CONTEXT_MARGIN_MM` of CT around it is resampled onto
     a canonical grid (:func:`SpineContextSegLib.inference.preprocessing.canonical_reference`,
     isotropic ``spacing_mm``); there :func:`split_vertebrae` and :func:`name_vertebrae` run
-    (optionally :func:`segment_upper_sacrum`), and the labels come back onto the mask's own
-    grid with nearest neighbour. On that grid the labels are then fitted to the mask (and
-    ``fit_mask``): mask voxels the resampling left unlabelled take the label of the vertebra
+    (optionally :func:`segment_upper_sacrum`); vertebrae the naming found missing from the mask
+    but ``fit_mask`` holds get seeds of their own there (:func:`seed_missing_levels`), and the
+    labels come back onto the mask's own grid with nearest neighbour. On that grid the labels
+    are then fitted to the mask (and ``fit_mask``): mask voxels the resampling left unlabelled take the label of the vertebra
     they connect to (geodesically, inside the mask), voxels outside the mask are cleared
     (except the sacrum, which is not part of the mask) and every label is made one
     26-connected piece (except a vertebra that the mask itself holds in pieces). A piece
@@ -128,7 +129,8 @@ def label_vertebrae(
         The mask the labels fill on the way back, on exactly ``mask_image``'s grid (default
         ``mask_image``): a larger outline of the same spine than the one split and named (the
         outline moved to the bone), whose extra voxels take the label of the vertebra they
-        connect to. The labels then cover ``mask_image`` | ``fit_mask``.
+        connect to; a vertebra missing from ``mask_image`` whose body ``fit_mask`` holds gets
+        its own label there. The labels then cover ``mask_image`` | ``fit_mask``.
     probability : SimpleITK.Image, optional
         The spine probability ``mask_image`` was thresholded from (any grid in the same
         physical space): where thick slices blur a disc into the mask, the split cuts a segment
@@ -140,7 +142,9 @@ def label_vertebrae(
         uint8 VerSe ids (see :mod:`SpineContextSegLib.labels`) on exactly ``mask_image``'s grid.
     info : dict
         :func:`name_vertebrae`'s info plus ``working_spacing_mm``, ``timings_s`` (seconds per
-        stage: resample, split, evidence, naming, sacrum, map_back, total), ``discs`` (count),
+        stage: resample, split, evidence, naming, missing, sacrum, map_back, total),
+        ``filled_levels`` (missing levels labelled in ``fit_mask``; moved from
+        ``missing_levels`` to ``names``), ``discs`` (count),
         ``unlabelled_ml`` (mask voxels left without a label: islands away from the column),
         ``sacrum_ml``, ``sacral_fragment_in_mask``.
 
@@ -207,6 +211,13 @@ def label_vertebrae(
         instances, ct_work, spacing, field_of_view=field_of_view, centreline=line, sacral_fragment=not_vertebra, name_votes=votes_work, geometry=geometry, timings=timings,
     )
     clock = time.perf_counter()
+    seeded: List[int] = []
+    if fit_mask is not None and info.get("missing_between"):
+        # vertebrae the split outline lost whole but the filled one holds: seeds of their own
+        fit_roi = sitk.Cast(sitk.RegionOfInterest(fit_mask, size, index) != 0, sitk.sitkUInt8)
+        seeded = seed_missing_levels(verse_work, mask_work | _resample_into(fit_roi, reference), line, geometry, spacing, info["missing_between"])
+    info = _with_seeded_levels(info, seeded)
+    lap("missing")
     if include_sacrum and "sacrum" in str(info["method"]):
         # the fragment of the mask below L5 is the top of the sacrum (its marrow may lie under SACRUM_HU)
         verse_work[segment_upper_sacrum(verse_work, ct_work, line, spacing, field_of_view) | not_vertebra] = SACRUM_ID
@@ -256,6 +267,21 @@ def label_vertebrae(
     info["timings_s"] = {key: round(value, 3) for key, value in timings.items()}
     info["timings_s"]["total"] = round(sum(timings.values()), 3)
     return labels, info
+
+
+def _with_seeded_levels(info: Dict[str, object], seeded: Sequence[int]) -> Dict[str, object]:
+    """``info`` with the missing levels that :func:`seed_missing_levels` placed moved to ``names`` (cranio-caudal order) and ``filled_levels``."""
+    from SpineContextSegLib.labels import CRANIO_CAUDAL_ORDER, vertebra_by_verse_id
+
+    verse_ids = sorted(set(info["verse_ids"]) | set(seeded), key=CRANIO_CAUDAL_ORDER.index)
+    filled = [vertebra_by_verse_id(v).name for v in seeded]
+    return dict(
+        info,
+        verse_ids=verse_ids,
+        names=[vertebra_by_verse_id(v).name for v in verse_ids],
+        missing_levels=[name for name in info["missing_levels"] if name not in filled],
+        filled_levels=filled,
+    )
 
 
 #: A runner-up naming at least this likely makes the names uncertain, however likely the chosen

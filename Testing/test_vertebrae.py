@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SpineContextSegLib.anatomy import centreline, discs, evidence, naming, naming_model, split
+from SpineContextSegLib.anatomy import centreline, discs, evidence, missing_levels, naming, naming_model, split
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.inference import vertebra_labelling
 from SpineContextSegLib.inference.vertebra_labelling import names_uncertainty
@@ -394,6 +394,31 @@ def test_split_keeps_each_arch_near_its_vertebra_where_bodies_are_missing():
     geometry = evidence.vertebra_geometry(instances, details["centreline"], 1.5)
     lows = [g.arc_low_mm for g in geometry]
     assert lows == sorted(lows, reverse=True)  # every instance is placed by its own body
+
+
+def test_a_level_missing_from_the_split_outline_gets_its_body_and_its_arch_in_the_larger_one():
+    # the split outline lost the body of vertebra 3 and the arch of vertebra 2 grew over its arch
+    # (the chest CTA in 2.5 mm slices: T6 and T7); the naming counts one level missing between
+    # 2 and 4, and the larger outline (the fine pass) holds the whole vertebra
+    spacing = 1.5
+    ct, mask, truth = make_spine([(10.0, 18.0)] * 5, disc_mm=5.0, spacing=spacing)
+    line = centreline.body_centreline(mask, spacing)
+    y = np.indices(mask.shape)[1] * spacing
+    centre_y = np.interp(np.indices(mask.shape)[0] * spacing, line.z_mm, line.y_mm)
+    lost_body = (truth == 3) & (y - centre_y < 10.0)
+    instances = np.select([truth == 1, truth == 2, (truth == 3) & ~lost_body, truth == 4, truth == 5], [1, 2, 2, 3, 4], 0).astype(np.int32)
+    geometry = evidence.vertebra_geometry(instances, line, spacing)
+    verse_ids = np.array([0, 16, 17, 19, 20])  # T9, T10, (T11 missing), T12, L1
+    verse_labels = verse_ids[instances]
+    seeded = missing_levels.seed_missing_levels(verse_labels, mask, line, geometry, spacing, [{"below_instance": 2, "verse_ids": [18]}])
+    assert seeded == [18]
+    assert np.mean(verse_labels[truth == 3] == 18) > 0.9  # body and arch
+    for value, verse_id in ((1, 16), (2, 17), (4, 19), (5, 20)):
+        assert np.mean(verse_labels[truth == value] == verse_id) > 0.95, verse_id
+    # a larger outline that lost the body too leaves the level missing
+    unchanged = verse_ids[instances]
+    assert missing_levels.seed_missing_levels(unchanged, mask & ~lost_body, line, geometry, spacing, [{"below_instance": 2, "verse_ids": [18]}]) == []
+    assert np.array_equal(unchanged, verse_ids[instances])
 
 
 def test_vertebra_geometry_places_an_arch_without_body_at_its_pedicles():

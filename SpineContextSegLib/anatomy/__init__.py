@@ -14,9 +14,7 @@ images, no files. The data flows **centreline -> split -> evidence -> naming**, 
     the centreline (``BodyProfile``, ``find_peaks``).
 ``split``
     :func:`~SpineContextSegLib.anatomy.split.split_vertebrae` (step 2: one segment per vertebra,
-    cut at the discs), with ``grow_labels``, ``keep_largest_pieces`` and ``fill_slices``; after
-    the naming, ``seed_missing_levels`` gives the levels it found missing seeds in a larger
-    outline of the same spine (the labels fill that outline).
+    cut at the discs), with ``grow_labels``, ``keep_largest_pieces`` and ``fill_slices``.
 ``evidence``
     What the CT and the segments show (step 3, first half):
     :func:`~SpineContextSegLib.anatomy.evidence.vertebra_geometry`,
@@ -29,6 +27,10 @@ images, no files. The data flows **centreline -> split -> evidence -> naming**, 
 ``naming``
     :func:`~SpineContextSegLib.anatomy.naming.name_vertebrae` (step 3: VerSe names in anatomical
     order, with ``rib_evidence`` and ``split_atlas_from_axis``).
+``missing_levels``
+    :func:`~SpineContextSegLib.anatomy.missing_levels.seed_missing_levels` (after step 3): the
+    levels the naming found missing, labelled in a larger outline of the same spine (the one
+    the labels fill), with the split's seeds and growth.
 ``sacrum``
     :func:`~SpineContextSegLib.anatomy.sacrum.segment_upper_sacrum`: the upper sacrum (VerSe 26)
     from the CT alone.

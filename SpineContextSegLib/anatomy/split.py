@@ -17,8 +17,9 @@ elements of vertebrae missing from the mask); every label ends up one 26-connect
 holding its body (:func:`keep_largest_pieces`); a piece of body that no seed reached (a mask in
 fragments) becomes a segment of its own (:func:`_orphan_pieces`). A mask whose bodies are hollow shells (a
 HU threshold) is first closed and filled slice by slice (:func:`fill_slices`). After the naming,
-the levels it found missing between two segments get body seeds in a larger outline of the same
-spine, where that outline holds their bodies (:func:`seed_missing_levels`).
+the levels it found missing between two segments are labelled in a larger outline of the same
+spine, where that outline holds their bodies
+(:func:`~SpineContextSegLib.anatomy.missing_levels.seed_missing_levels`, with this module's seeds).
 
 ``_CUBE`` (26-connectivity) and :data:`THICKNESS_LEVELS` are shared with the later steps.
 """
@@ -250,6 +251,50 @@ def _solid_segments(profile: BodyProfile, segments: Sequence[Tuple[float, float]
     return out
 
 
+class _SeedFrame:
+    """Where a vertebra's seeds may lie: the voxels of a filled mask around the centreline, in its frame.
+
+    ``tube`` (flat indices of the mask's voxels within 3 body radii of the centreline, in-plane),
+    their ``arc`` (mm), and which lie in the body core (within 0.6 body radii of the
+    centreline), just behind the body at pedicle level (the arch: 0.8-2 radii behind the body
+    centre in the voxel's own axial slice, within 1.2 radii of the midline), or on the midline
+    behind the canal where the laminae meet (1.4-2.8 radii behind, within 0.3 radii).
+    """
+
+    def __init__(self, tube: np.ndarray, arc: np.ndarray, in_body: np.ndarray, in_arch: np.ndarray, in_lamina_junction: np.ndarray):
+        self.tube, self.arc = tube, arc
+        self.in_body, self.in_arch, self.in_lamina_junction = in_body, in_arch, in_lamina_junction
+
+    def seeds(self, low: float, high: float) -> Tuple[np.ndarray, np.ndarray]:
+        """Body and arch seeds (bool over :attr:`tube`) of the vertebra between arc ``low`` and ``high`` (mm).
+
+        The body seed is the central half of the stretch; the arch seed runs from a quarter of
+        it (the lamina junction from its lower end, down to the disc below) to 0.6 of it.
+        """
+        length = high - low
+        arc = self.arc
+        body = self.in_body & (arc >= low + 0.25 * length) & (arc <= high - 0.25 * length)
+        arch = ((self.in_arch & (arc >= low + 0.25 * length)) | (self.in_lamina_junction & (arc >= low))) & (arc <= low + 0.6 * length)
+        return body, arch
+
+
+def _seed_frame(filled: np.ndarray, line: Centreline, spacing: np.ndarray) -> _SeedFrame:
+    """The :class:`_SeedFrame` of ``filled`` ((D, H, W) bool) around ``line``."""
+    radius_max = float(line.body_radius_mm.max())
+    tube = _tube_voxels(filled.shape, line, spacing, 3.0 * radius_max)
+    tube = tube[filled.reshape(-1)[tube]]
+    points = _points_mm(tube, filled.shape, spacing)
+    arc, distance, _, _ = centreline_frame(points, line)
+    in_body = distance <= 0.6 * line.radius_at_arc(arc)
+    # behind the body in the point's own axial slice
+    slice_radius = np.interp(points[:, 0], line.z_mm, line.body_radius_mm)
+    posterior = points[:, 1] - np.interp(points[:, 0], line.z_mm, line.y_mm)
+    left = points[:, 2] - np.interp(points[:, 0], line.z_mm, line.x_mm)
+    in_arch = (posterior > 0.8 * slice_radius) & (posterior < 2.0 * slice_radius) & (np.abs(left) < 1.2 * slice_radius)
+    in_lamina_junction = (posterior > 1.4 * slice_radius) & (posterior < 2.8 * slice_radius) & (np.abs(left) < 0.3 * slice_radius)
+    return _SeedFrame(tube, arc, in_body, in_arch, in_lamina_junction)
+
+
 def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *, min_vertebra_ml: float = 0.5, probability: Optional[np.ndarray] = None, return_details: bool = False):
     """Split a binary spine mask into vertebrae, numbered from the top.
 
@@ -333,30 +378,15 @@ def split_vertebrae(mask: np.ndarray, ct_hu: Optional[np.ndarray], spacing_mm, *
     # arch; and the midline just behind the canal down to the disc below, where the laminae
     # meet and the spinous process leaves the arch: a mask that bridges the joints to the
     # vertebra below would otherwise let that vertebra reach the spinous process first
-    radius_max = float(line.body_radius_mm.max())
-    tube = _tube_voxels(mask.shape, line, spacing, 3.0 * radius_max)
-    tube = tube[filled.reshape(-1)[tube]]
-    points = _points_mm(tube, mask.shape, spacing)
-    arc, distance, _, _ = centreline_frame(points, line)
-    radius = line.radius_at_arc(arc)
-    in_body = distance <= 0.6 * radius
-    # behind the body in the point's own axial slice
-    slice_radius = np.interp(points[:, 0], line.z_mm, line.body_radius_mm)
-    posterior = points[:, 1] - np.interp(points[:, 0], line.z_mm, line.y_mm)
-    left = points[:, 2] - np.interp(points[:, 0], line.z_mm, line.x_mm)
-    in_arch = (posterior > 0.8 * slice_radius) & (posterior < 2.0 * slice_radius) & (np.abs(left) < 1.2 * slice_radius)
-    in_lamina_junction = (posterior > 1.4 * slice_radius) & (posterior < 2.8 * slice_radius) & (np.abs(left) < 0.3 * slice_radius)
+    frame = _seed_frame(filled, line, spacing)
     segments = _solid_segments(profile, [(low, high) for low, high in zip(bounds[:-1], bounds[1:]) if high - low > 2.0 * spacing[0]])
     seeds = np.zeros(mask.shape, dtype=np.int32)
     body_seeds = np.zeros(mask.shape, dtype=bool)
     count = len(segments)
     for order, (low, high) in enumerate(segments):
-        length = high - low
-        value = count - order  # segments run inferior -> superior; label 1 is the most cranial
-        body = in_body & (arc >= low + 0.25 * length) & (arc <= high - 0.25 * length)
-        arch = ((in_arch & (arc >= low + 0.25 * length)) | (in_lamina_junction & (arc >= low))) & (arc <= low + 0.6 * length)
-        seeds.reshape(-1)[tube[body | arch]] = value
-        body_seeds.reshape(-1)[tube[body]] = True
+        body, arch = frame.seeds(low, high)
+        seeds.reshape(-1)[frame.tube[body | arch]] = count - order  # segments run inferior -> superior; label 1 is the most cranial
+        body_seeds.reshape(-1)[frame.tube[body]] = True
     if count == 0:  # no body column at all: one label for the largest piece
         pieces, _ = ndimage.label(mask, structure=_CUBE)
         seeds[pieces == (np.argmax(np.bincount(pieces.ravel())[1:]) + 1)] = 1
@@ -486,85 +516,3 @@ def _orphan_pieces(instances: np.ndarray, mask: np.ndarray, segments: List[Tuple
     renumber[order + 1] = np.arange(1, value + 1)
     return renumber[out], [ranges[i] for i in order], added
 
-
-#: A level the names found missing gets seeds (:func:`seed_missing_levels`) only where the larger
-#: outline fills at least this share of its body core (a whole body fills 0.9-1).
-MISSING_BODY_OCCUPANCY = 0.5
-
-
-def seed_missing_levels(
-    verse_labels: np.ndarray, outline: np.ndarray, line: Centreline, geometry: Sequence, spacing_mm, missing_between: Sequence[dict]
-) -> List[int]:
-    """Body seeds, in a larger outline of the spine, for the vertebrae the names found missing.
-
-    The vertebrae are split and named on one outline (the network's coarse pass); the labels
-    then fill a larger one (the fine pass's bodies, the outline moved to the bone), growing from
-    the named vertebrae. Where the split outline lost whole bodies (a run of hollow thoracic
-    bodies), the naming counts those levels as missing between two segments, and without
-    seeds of their own their bone in the larger outline would go to the neighbours. Here the
-    stretch of centreline between the two segments' bodies (at least half a vertebra per level,
-    :data:`~SpineContextSegLib.anatomy.discs.VERTEBRA_PITCH_RADII`) is divided among the missing levels,
-    at the larger outline's discs where it shows as many as the levels need
-    (:func:`~SpineContextSegLib.anatomy.discs.find_disc_levels`), else evenly, and the core of
-    each level's body in ``outline`` (within 0.6 body radii of the centreline, the central
-    half of its stretch) takes its name, whatever label it had. A level whose body core is
-    not at least :data:`MISSING_BODY_OCCUPANCY` full in ``outline`` stays missing (the larger
-    outline lost it too).
-
-    Parameters
-    ----------
-    verse_labels : (D, H, W) int
-        VerSe ids of the named segments on the working grid; changed in place.
-    outline : (D, H, W) bool
-        The larger outline on the same grid.
-    line : Centreline
-        The centreline the segments were measured along.
-    geometry : sequence of VertebraGeometry
-        The segments' geometry, instance order (top first).
-    spacing_mm : float or (3,) float
-        Voxel size (z, y, x), mm.
-    missing_between : sequence of dict
-        ``{"below_instance": i, "verse_ids": [...]}`` (:func:`name_vertebrae`'s info): the
-        levels missing between instance ``i`` and ``i + 1``, top first.
-
-    Returns
-    -------
-    list of int
-        The VerSe ids that got a seed.
-    """
-    spacing = _spacing3(spacing_mm)
-    if not missing_between or not outline.any():
-        return []
-    filled = np.zeros(outline.shape, dtype=bool)
-    box = _padded_box(outline)  # holes are the same in the padded box as in the whole grid
-    filled[box] = fill_holes(outline[box])
-    tube = _tube_voxels(outline.shape, line, spacing, float(line.body_radius_mm.max()))
-    tube = tube[filled.reshape(-1)[tube]]
-    arc, distance, _, _ = centreline_frame(_points_mm(tube, outline.shape, spacing), line)
-    core = distance <= 0.6 * line.radius_at_arc(arc)
-    tube, arc = tube[core], arc[core]
-    profile = body_profile(filled, line, spacing)
-    occupancy = np.nan_to_num(profile.occupancy, nan=0.0)
-    discs, _, _ = find_disc_levels(profile)
-    seeded: List[int] = []
-    for gap in missing_between:
-        upper, lower = geometry[int(gap["below_instance"]) - 1], geometry[int(gap["below_instance"])]
-        high, low = float(upper.arc_low_mm), float(lower.arc_high_mm)
-        levels = [int(v) for v in gap["verse_ids"]]
-        if not (np.isfinite(high) and np.isfinite(low)) or not levels:
-            continue
-        if (high - low) / len(levels) < 0.5 * VERTEBRA_PITCH_RADII * float(line.radius_at_arc(0.5 * (high + low))):
-            continue  # too short a stretch for the levels: the segments around it hold them (long segments of thick slices)
-        # the outline's discs near the stretch: one more than the levels, or evenly
-        reach = 0.5 * (high - low) / len(levels)
-        near = [d for d in discs if low - reach < d < high + reach]
-        bounds = sorted(near, reverse=True) if len(near) == len(levels) + 1 else list(np.linspace(high, low, len(levels) + 1))
-        for verse_id, top, bottom in zip(levels, bounds[:-1], bounds[1:]):
-            quarter = 0.25 * (top - bottom)
-            body = (arc >= bottom + quarter) & (arc <= top - quarter)
-            bins = (profile.arc_mm >= bottom + quarter) & (profile.arc_mm <= top - quarter)
-            if not body.any() or not bins.any() or float(occupancy[bins].mean()) < MISSING_BODY_OCCUPANCY:
-                continue
-            verse_labels.reshape(-1)[tube[body]] = verse_id
-            seeded.append(verse_id)
-    return seeded

@@ -20,9 +20,10 @@ import numpy as np
 
 from SpineContextSegLib.anatomy.centreline import _padded_box
 from SpineContextSegLib.anatomy.evidence import caudal_fragment, vertebra_geometry
+from SpineContextSegLib.anatomy.missing_levels import seed_missing_levels
 from SpineContextSegLib.anatomy.naming import name_vertebrae
 from SpineContextSegLib.anatomy.sacrum import segment_upper_sacrum
-from SpineContextSegLib.anatomy.split import _CUBE, grow_labels, keep_largest_pieces, seed_missing_levels, split_vertebrae
+from SpineContextSegLib.anatomy.split import _CUBE, grow_labels, keep_largest_pieces, split_vertebrae
 from SpineContextSegLib.errors import SegmentationError
 from SpineContextSegLib.io.grids import check_same_grid
 

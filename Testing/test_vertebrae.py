@@ -421,6 +421,26 @@ def test_a_level_missing_from_the_split_outline_gets_its_body_and_its_arch_in_th
     assert np.array_equal(unchanged, verse_ids[instances])
 
 
+def test_a_level_missing_beside_a_segment_two_vertebrae_long_is_cut_out_of_it():
+    # thick slices blurred the disc between vertebrae 3 and 4 into the split outline: one segment,
+    # named after vertebra 4, with vertebra 3 counted missing above it (the chest CTA in 3 mm
+    # slices: T10 and T11); the larger outline shows the disc
+    spacing = 1.5
+    ct, mask, truth = make_spine([(10.0, 18.0)] * 5, disc_mm=5.0, spacing=spacing)
+    line = centreline.body_centreline(mask, spacing)
+    z, y, x = np.indices(mask.shape) * spacing
+    core = (y - np.interp(z, line.z_mm, line.y_mm)) ** 2 + (x - np.interp(z, line.z_mm, line.x_mm)) ** 2 <= 8.0**2
+    disc = core & (z > z[(truth == 4) & core].max()) & (z < z[(truth == 3) & core].min())
+    instances = np.select([truth == 1, truth == 2, np.isin(truth, [3, 4]) | disc, truth == 5], [1, 2, 3, 4], 0).astype(np.int32)
+    geometry = evidence.vertebra_geometry(instances, line, spacing)
+    assert geometry[2].arc_high_mm - geometry[2].arc_low_mm > 35.0  # one segment over both bodies
+    verse_labels = np.array([0, 16, 17, 19, 20])[instances]  # T9, T10, T12 (with T11 in it), L1
+    gap = {"below_instance": 2, "verse_ids": [18], "above_verse_id": 17, "below_verse_id": 19}
+    assert missing_levels.seed_missing_levels(verse_labels, mask, line, geometry, spacing, [gap]) == [18]
+    for value, verse_id in ((1, 16), (2, 17), (3, 18), (4, 19), (5, 20)):
+        assert np.mean(verse_labels[truth == value] == verse_id) > 0.9, verse_id
+
+
 def test_vertebra_geometry_places_an_arch_without_body_at_its_pedicles():
     # an instance that is an arch alone (its body hollow in the mask): pedicles at one level and
     # a posterior bar that runs along three vertebrae; its body range is the pedicles' level

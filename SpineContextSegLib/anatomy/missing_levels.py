@@ -35,11 +35,14 @@ def seed_missing_levels(
     :data:`~SpineContextSegLib.anatomy.discs.VERTEBRA_PITCH_RADII`) is divided among the
     missing levels, at the larger outline's discs where it shows as many as the levels need
     (:func:`~SpineContextSegLib.anatomy.discs.find_disc_levels`), else evenly; each level gets
-    the seeds :func:`~SpineContextSegLib.anatomy.split.split_vertebrae` would give it (body core and arch), and the bone of the
-    stretch in ``outline`` is grown afresh from them and from the labels around it, thick
-    bone first (:func:`~SpineContextSegLib.anatomy.split.grow_labels`, as in the split). A level whose body core is not at least
-    :data:`MISSING_BODY_OCCUPANCY` full in ``outline`` stays missing (the larger outline lost
-    it too), and so does its stretch.
+    the seeds the split gives a vertebra (body core and arch), and the bone of the stretch in
+    ``outline`` is grown afresh from them and from the labels around it, thick bone first
+    (:func:`~SpineContextSegLib.anatomy.split.grow_labels`, as in the split). A
+    stretch too short for its levels is taken into a neighbour that is as long as itself and
+    the levels together (:func:`_into_a_long_neighbour`: thick slices blurred a disc into the
+    mask, and the names called the two vertebrae by one name), which is then divided and grown
+    afresh too. A level whose body core is not at least :data:`MISSING_BODY_OCCUPANCY` full in
+    ``outline`` stays missing (the larger outline lost it too).
 
     Parameters
     ----------
@@ -54,8 +57,9 @@ def seed_missing_levels(
     spacing_mm : float or (3,) float
         Voxel size (z, y, x), mm.
     missing_between : sequence of dict
-        ``{"below_instance": i, "verse_ids": [...]}`` (:func:`name_vertebrae`'s info): the
-        levels missing between instance ``i`` and ``i + 1``, top first.
+        ``{"below_instance": i, "verse_ids": [...], "above_verse_id": a, "below_verse_id": b}``
+        (:func:`~SpineContextSegLib.anatomy.naming.name_vertebrae`'s info): the levels missing
+        between instance ``i`` (named ``a``) and ``i + 1`` (named ``b``), top first.
 
     Returns
     -------
@@ -78,25 +82,31 @@ def seed_missing_levels(
     for gap in missing_between:
         upper, lower = geometry[int(gap["below_instance"]) - 1], geometry[int(gap["below_instance"])]
         high, low = float(upper.arc_low_mm), float(lower.arc_high_mm)
-        levels = [int(v) for v in gap["verse_ids"]]
-        if not (np.isfinite(high) and np.isfinite(low)) or not levels:
+        missing = [int(v) for v in gap["verse_ids"]]
+        if not (np.isfinite(high) and np.isfinite(low)) or not missing:
             continue
+        levels = missing
         if (high - low) / len(levels) < 0.5 * VERTEBRA_PITCH_RADII * float(line.radius_at_arc(0.5 * (high + low))):
-            continue  # too short a stretch for the levels: the segments around it hold them (long segments of thick slices)
+            # too short a stretch for the levels: they lie inside a neighbour as long as that
+            # many vertebrae more (thick slices blur a disc into the mask), or nowhere
+            low, high, levels = _into_a_long_neighbour(gap, upper, lower, low, high, missing, line)
+            if not levels:
+                continue
         # the outline's discs near the stretch: one more than the levels, or evenly
         reach = 0.5 * (high - low) / len(levels)
         near = [d for d in discs if low - reach < d < high + reach]
         bounds = sorted(near, reverse=True) if len(near) == len(levels) + 1 else list(np.linspace(high, low, len(levels) + 1))
-        placed = False
+        placements = []
         for verse_id, top, bottom in zip(levels, bounds[:-1], bounds[1:]):
             body, arch = frame.seeds(bottom, top)
             bins = (profile.arc_mm >= bottom + 0.25 * (top - bottom)) & (profile.arc_mm <= top - 0.25 * (top - bottom))
-            if not body.any() or not bins.any() or float(occupancy[bins].mean()) < MISSING_BODY_OCCUPANCY:
-                continue
-            seeds.reshape(-1)[frame.tube[body | arch]] = verse_id
-            seeded.append(verse_id)
-            placed = True
-        if placed:
+            if body.any() and bins.any() and float(occupancy[bins].mean()) >= MISSING_BODY_OCCUPANCY:
+                placements.append((verse_id, body | arch))
+        found = [verse_id for verse_id, _ in placements if verse_id in missing]
+        if found:
+            for verse_id, where in placements:
+                seeds.reshape(-1)[frame.tube[where]] = verse_id
+            seeded.extend(found)
             stretches.append((low, high))
     if not seeded:
         return []
@@ -121,3 +131,27 @@ def seed_missing_levels(
     changed = afresh | (part_seeds > 0)
     verse_labels[part][changed] = grown[changed]
     return seeded
+
+
+#: A segment next to missing levels, whose stretch is too short for them, holds them when it is
+#: this many vertebra pitches long per level it would then hold (its own included): longer, it
+#: holds more levels than the names say (10 mm slices merge whole runs of vertebrae).
+LONG_NEIGHBOUR_PITCHES = (0.8, 1.3)
+
+
+def _into_a_long_neighbour(gap: dict, upper, lower, low: float, high: float, missing: List[int], line: Centreline) -> Tuple[float, float, List[int]]:
+    """The stretch (low, high) and its levels (top first) taken into a neighbour long enough to hold them, or ``(low, high, [])``.
+
+    A disc that thick slices blur into the mask leaves two vertebrae as one segment; the naming
+    may then call the segment by one name and count the other level as missing beside it. The
+    neighbour below is tried first, then the one above (never C1-C2, long by nature).
+    """
+    for neighbour, verse_id, below in ((lower, gap.get("below_verse_id"), True), (upper, gap.get("above_verse_id"), False)):
+        if verse_id is None or int(verse_id) <= 2 or not (np.isfinite(neighbour.arc_low_mm) and np.isfinite(neighbour.arc_high_mm)):
+            continue
+        start, end = (float(neighbour.arc_low_mm), high) if below else (low, float(neighbour.arc_high_mm))
+        levels = missing + [int(verse_id)] if below else [int(verse_id)] + missing
+        pitches = (end - start) / (len(levels) * VERTEBRA_PITCH_RADII * float(line.radius_at_arc(0.5 * (start + end))))
+        if LONG_NEIGHBOUR_PITCHES[0] <= pitches <= LONG_NEIGHBOUR_PITCHES[1]:
+            return start, end, levels
+    return low, high, []

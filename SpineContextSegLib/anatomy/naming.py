@@ -257,8 +257,9 @@ def name_vertebrae(
         ``lowest_rib_vertebra``, ``first_rib_vertebra`` as instance numbers, ``ribs_found``),
         ``method`` (the anchors that agree with the chosen names, or ``"body size only"``),
         ``missing_levels`` (names inferred between segments, absent from the mask),
-        ``missing_between`` ([{"below_instance": i, "verse_ids": [...]}]: the levels missing
-        between instance i and i + 1, top first),
+        ``missing_between`` ([{"below_instance": i, "verse_ids": [...], "above_verse_id",
+        "below_verse_id"}]: the levels missing between instance i and i + 1, top first, and the
+        names of those two),
         ``fragments`` (segments that are further pieces of the vertebra above),
         ``height_scale`` (most likely), ``alternatives`` (the next best namings with their
         probabilities), ``evidence`` (per segment: its ``name`` and ``confidence`` (posterior
@@ -354,7 +355,12 @@ def name_vertebrae(
             first = chain_states.index(model.names[upper] if model.names[upper] != ATLAS_AXIS else 2) + 1
             last = chain_states.index(model.names[lower])
             missing.extend(chain_states[first:last])
-            missing_between.append({"below_instance": upper_instance, "verse_ids": [int(v) for v in chain_states[first:last]]})
+            missing_between.append(
+                {
+                    "below_instance": upper_instance, "verse_ids": [int(v) for v in chain_states[first:last]],
+                    "above_verse_id": 2 if model.names[upper] == ATLAS_AXIS else int(model.names[upper]), "below_verse_id": int(model.names[lower]),
+                }
+            )
     fragments = [i + 2 for i in range(count - 1) if best_path[i] == best_path[i + 1]]
     rib_bearing = [i + 1 for i, evidence in enumerate(ribs) if evidence.get("right") or evidence.get("left")]
     lowest_rib = rib_bearing[-1] if rib_bearing else None

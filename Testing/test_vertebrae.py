@@ -410,14 +410,15 @@ def test_a_level_missing_from_the_split_outline_gets_its_body_and_its_arch_in_th
     geometry = evidence.vertebra_geometry(instances, line, spacing)
     verse_ids = np.array([0, 16, 17, 19, 20])  # T9, T10, (T11 missing), T12, L1
     verse_labels = verse_ids[instances]
-    seeded = missing_levels.seed_missing_levels(verse_labels, mask, line, geometry, spacing, [{"below_instance": 2, "verse_ids": [18]}])
+    stretches = missing_levels.missing_stretches(geometry, line, [{"below_instance": 2, "verse_ids": [18], "above_verse_id": 17, "below_verse_id": 19}])
+    seeded = missing_levels.seed_missing_levels(verse_labels, mask, line, spacing, stretches)
     assert seeded == [18]
     assert np.mean(verse_labels[truth == 3] == 18) > 0.9  # body and arch
     for value, verse_id in ((1, 16), (2, 17), (4, 19), (5, 20)):
         assert np.mean(verse_labels[truth == value] == verse_id) > 0.95, verse_id
     # a larger outline that lost the body too leaves the level missing
     unchanged = verse_ids[instances]
-    assert missing_levels.seed_missing_levels(unchanged, mask & ~lost_body, line, geometry, spacing, [{"below_instance": 2, "verse_ids": [18]}]) == []
+    assert missing_levels.seed_missing_levels(unchanged, mask & ~lost_body, line, spacing, stretches) == []
     assert np.array_equal(unchanged, verse_ids[instances])
 
 
@@ -436,7 +437,9 @@ def test_a_level_missing_beside_a_segment_two_vertebrae_long_is_cut_out_of_it():
     assert geometry[2].arc_high_mm - geometry[2].arc_low_mm > 35.0  # one segment over both bodies
     verse_labels = np.array([0, 16, 17, 19, 20])[instances]  # T9, T10, T12 (with T11 in it), L1
     gap = {"below_instance": 2, "verse_ids": [18], "above_verse_id": 17, "below_verse_id": 19}
-    assert missing_levels.seed_missing_levels(verse_labels, mask, line, geometry, spacing, [gap]) == [18]
+    (stretch,) = missing_levels.missing_stretches(geometry, line, [gap])
+    assert stretch.levels == [18, 19] and stretch.missing == [18]  # the segment below holds the missing level
+    assert missing_levels.seed_missing_levels(verse_labels, mask, line, spacing, [stretch]) == [18]
     for value, verse_id in ((1, 16), (2, 17), (3, 18), (4, 19), (5, 20)):
         assert np.mean(verse_labels[truth == value] == verse_id) > 0.9, verse_id
 

@@ -1,12 +1,13 @@
 """Vertebrae the names found missing, labelled in a larger outline of the spine (after step 3).
 
-The vertebrae are split and named on one outline; the labels then fill a larger one. A level
-that the first outline lost whole but the larger one holds gets seeds of its own there, and the
-bone between its two neighbours is grown afresh (:func:`seed_missing_levels`).
+The vertebrae are split and named on one outline; the labels then fill a larger one. Where the
+missing levels lie follows from the segments' geometry alone (:func:`missing_stretches`); a
+level that the first outline lost whole but the larger one holds gets seeds of its own there,
+and the bone of its stretch is grown afresh (:func:`seed_missing_levels`).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
@@ -20,65 +21,27 @@ from SpineContextSegLib.anatomy.split import THICKNESS_LEVELS, _seed_frame, grow
 MISSING_BODY_OCCUPANCY = 0.5
 
 
-def seed_missing_levels(
-    verse_labels: np.ndarray, outline: np.ndarray, line: Centreline, geometry: Sequence, spacing_mm, missing_between: Sequence[dict]
-) -> List[int]:
-    """The vertebrae the names found missing, labelled in a larger outline of the spine.
+class MissingStretch(NamedTuple):
+    """Where levels missing from the split outline lie: arc ``low``-``high`` (mm) holds ``levels`` (VerSe ids, top first), of which ``missing`` are the missing ones."""
 
-    The vertebrae are split and named on one outline (the network's coarse pass); the labels
-    then fill a larger one (the fine pass's bodies, the outline moved to the bone), growing from
-    the named vertebrae. Where the split outline lost whole bodies (a run of hollow thoracic
-    bodies), the naming counts those levels as missing between two segments, and their bone
-    went to the neighbours: their arches had grown over the lost levels, and in the larger
-    outline the bodies joined them. Here the stretch of centreline between the two segments'
-    bodies (at least half a vertebra per level,
-    :data:`~SpineContextSegLib.anatomy.discs.VERTEBRA_PITCH_RADII`) is divided among the
-    missing levels, at the larger outline's discs where it shows as many as the levels need
-    (:func:`~SpineContextSegLib.anatomy.discs.find_disc_levels`), else evenly; each level gets
-    the seeds the split gives a vertebra (body core and arch), and the bone of the stretch in
-    ``outline`` is grown afresh from them and from the labels around it, thick bone first
-    (:func:`~SpineContextSegLib.anatomy.split.grow_labels`, as in the split). A
-    stretch too short for its levels is taken into a neighbour that is as long as itself and
-    the levels together (:func:`_into_a_long_neighbour`: thick slices blurred a disc into the
-    mask, and the names called the two vertebrae by one name), which is then divided and grown
-    afresh too. A level whose body core is not at least :data:`MISSING_BODY_OCCUPANCY` full in
-    ``outline`` stays missing (the larger outline lost it too).
+    low: float
+    high: float
+    levels: List[int]
+    missing: List[int]
 
-    Parameters
-    ----------
-    verse_labels : (D, H, W) int
-        VerSe ids of the named segments on the working grid; changed in place.
-    outline : (D, H, W) bool
-        The larger outline on the same grid.
-    line : Centreline
-        The centreline the segments were measured along.
-    geometry : sequence of VertebraGeometry
-        The segments' geometry, instance order (top first).
-    spacing_mm : float or (3,) float
-        Voxel size (z, y, x), mm.
-    missing_between : sequence of dict
-        ``{"below_instance": i, "verse_ids": [...], "above_verse_id": a, "below_verse_id": b}``
-        (:func:`~SpineContextSegLib.anatomy.naming.name_vertebrae`'s info): the levels missing
-        between instance ``i`` (named ``a``) and ``i + 1`` (named ``b``), top first.
 
-    Returns
-    -------
-    list of int
-        The VerSe ids now labelled.
+def missing_stretches(geometry: Sequence, line: Centreline, missing_between: Sequence[dict]) -> List[MissingStretch]:
+    """The stretches of centreline that hold the levels the names found missing (geometry only, cheap).
+
+    Between the bodies of the two segments around the missing levels, if that is at least half
+    a vertebra (:data:`~SpineContextSegLib.anatomy.discs.VERTEBRA_PITCH_RADII`) per level;
+    else in a neighbour long enough to hold them too (:func:`_into_a_long_neighbour`); else
+    none. ``geometry``: the segments' VertebraGeometry, instance order (top first);
+    ``missing_between``: :func:`~SpineContextSegLib.anatomy.naming.name_vertebrae`'s
+    ``{"below_instance": i, "verse_ids": [...], "above_verse_id": a, "below_verse_id": b}``,
+    the levels missing between instance ``i`` (named ``a``) and ``i + 1`` (named ``b``).
     """
-    spacing = _spacing3(spacing_mm)
-    if not missing_between or not outline.any():
-        return []
-    box = _padded_box(outline)  # holes and depths are the same in the padded box as in the whole grid
-    filled = np.zeros(outline.shape, dtype=bool)
-    filled[box] = fill_holes(outline[box])
-    frame = _seed_frame(filled, line, spacing)
-    profile = body_profile(filled, line, spacing)
-    occupancy = np.nan_to_num(profile.occupancy, nan=0.0)
-    discs, _, _ = find_disc_levels(profile)
-    seeds = np.zeros(outline.shape, dtype=np.int32)
-    stretches: List[Tuple[float, float]] = []
-    seeded: List[int] = []
+    out: List[MissingStretch] = []
     for gap in missing_between:
         upper, lower = geometry[int(gap["below_instance"]) - 1], geometry[int(gap["below_instance"])]
         high, low = float(upper.arc_low_mm), float(lower.arc_high_mm)
@@ -92,6 +55,60 @@ def seed_missing_levels(
             low, high, levels = _into_a_long_neighbour(gap, upper, lower, low, high, missing, line)
             if not levels:
                 continue
+        out.append(MissingStretch(low, high, levels, missing))
+    return out
+
+
+def seed_missing_levels(verse_labels: np.ndarray, outline: np.ndarray, line: Centreline, spacing_mm, stretches: Sequence[MissingStretch]) -> List[int]:
+    """The vertebrae the names found missing, labelled in a larger outline of the spine.
+
+    The vertebrae are split and named on one outline (the network's coarse pass); the labels
+    then fill a larger one (the fine pass's bodies, the outline moved to the bone), growing from
+    the named vertebrae. Where the split outline lost whole bodies (a run of hollow thoracic
+    bodies), the naming counts those levels as missing between two segments, and their bone
+    went to the neighbours: their arches had grown over the lost levels, and in the larger
+    outline the bodies joined them. Here each stretch of centreline that holds them
+    (:func:`missing_stretches`) is divided among its levels, at the larger outline's discs
+    where it shows one more than the levels, else evenly; each level gets the seeds the split
+    gives a vertebra (body core and arch), and the bone of the stretch in ``outline`` is grown
+    afresh from them and from the labels around it, thick bone first
+    (:func:`~SpineContextSegLib.anatomy.split.grow_labels`, as in the split; a neighbour the
+    stretch was taken into is divided and grown afresh too). A level whose body core is not
+    at least :data:`MISSING_BODY_OCCUPANCY` full in ``outline`` stays missing (the larger
+    outline lost it too).
+
+    Parameters
+    ----------
+    verse_labels : (D, H, W) int
+        VerSe ids of the named segments on the working grid; changed in place.
+    outline : (D, H, W) bool
+        The larger outline on the same grid.
+    line : Centreline
+        The centreline the segments were measured along.
+    spacing_mm : float or (3,) float
+        Voxel size (z, y, x), mm.
+    stretches : sequence of MissingStretch
+        :func:`missing_stretches`: where the missing levels lie.
+
+    Returns
+    -------
+    list of int
+        The VerSe ids now labelled.
+    """
+    spacing = _spacing3(spacing_mm)
+    if not stretches or not outline.any():
+        return []
+    box = _padded_box(outline)  # holes and depths are the same in the padded box as in the whole grid
+    filled = np.zeros(outline.shape, dtype=bool)
+    filled[box] = fill_holes(outline[box])
+    frame = _seed_frame(filled, line, spacing)
+    profile = body_profile(filled, line, spacing)
+    occupancy = np.nan_to_num(profile.occupancy, nan=0.0)
+    discs, _, _ = find_disc_levels(profile)
+    seeds = np.zeros(outline.shape, dtype=np.int32)
+    grown_stretches: List[Tuple[float, float]] = []
+    seeded: List[int] = []
+    for low, high, levels, missing in stretches:
         # the outline's discs near the stretch: one more than the levels, or evenly
         reach = 0.5 * (high - low) / len(levels)
         near = [d for d in discs if low - reach < d < high + reach]
@@ -107,12 +124,12 @@ def seed_missing_levels(
             for verse_id, where in placements:
                 seeds.reshape(-1)[frame.tube[where]] = verse_id
             seeded.extend(found)
-            stretches.append((low, high))
+            grown_stretches.append((low, high))
     if not seeded:
         return []
     # the stretches' bone afresh: unlabelled, then grown from the new seeds and the labels
     # around, in the slices of the stretches and a vertebra (30 mm) beyond
-    ends_z = np.interp(np.array([value for stretch in stretches for value in stretch]), line.arc_mm, line.z_mm)
+    ends_z = np.interp(np.array([value for stretch in grown_stretches for value in stretch]), line.arc_mm, line.z_mm)
     first = max(box[0].start, int(np.floor((ends_z.min() - 30.0) / spacing[0])))
     last = min(box[0].stop, int(np.ceil((ends_z.max() + 30.0) / spacing[0])) + 1)
     part = (slice(first, last), box[1], box[2])
@@ -122,7 +139,7 @@ def seed_missing_levels(
     points[:, 0] += first * spacing[0]
     arc, _, _, _ = centreline_frame(points, line)
     afresh = np.zeros(shape, dtype=bool)
-    for low, high in stretches:
+    for low, high in grown_stretches:
         afresh.reshape(-1)[flat[(arc > low) & (arc < high)]] = True
     part_seeds = seeds[part]
     labels = np.where(afresh, 0, verse_labels[part]).astype(np.int32)

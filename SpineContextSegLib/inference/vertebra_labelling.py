@@ -20,7 +20,7 @@ import numpy as np
 
 from SpineContextSegLib.anatomy.centreline import _padded_box
 from SpineContextSegLib.anatomy.evidence import caudal_fragment, vertebra_geometry
-from SpineContextSegLib.anatomy.missing_levels import seed_missing_levels
+from SpineContextSegLib.anatomy.missing_levels import missing_stretches, seed_missing_levels
 from SpineContextSegLib.anatomy.naming import name_vertebrae
 from SpineContextSegLib.anatomy.sacrum import segment_upper_sacrum
 from SpineContextSegLib.anatomy.split import _CUBE, grow_labels, keep_largest_pieces, split_vertebrae
@@ -213,10 +213,11 @@ def label_vertebrae(
     )
     clock = time.perf_counter()
     seeded: List[int] = []
-    if fit_mask is not None and info.get("missing_between"):
+    stretches = missing_stretches(geometry, line, info["missing_between"]) if fit_mask is not None else []
+    if stretches:
         # vertebrae the split outline lost whole but the filled one holds: seeds of their own
         fit_roi = sitk.Cast(sitk.RegionOfInterest(fit_mask, size, index) != 0, sitk.sitkUInt8)
-        seeded = seed_missing_levels(verse_work, mask_work | _resample_into(fit_roi, reference), line, geometry, spacing, info["missing_between"])
+        seeded = seed_missing_levels(verse_work, mask_work | _resample_into(fit_roi, reference), line, spacing, stretches)
     info = _with_seeded_levels(info, seeded)
     lap("missing")
     if include_sacrum and "sacrum" in str(info["method"]):

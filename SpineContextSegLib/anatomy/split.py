@@ -515,4 +515,3 @@ def _orphan_pieces(instances: np.ndarray, mask: np.ndarray, segments: List[Tuple
     renumber = np.zeros(value + 1, dtype=np.int32)
     renumber[order + 1] = np.arange(1, value + 1)
     return renumber[out], [ranges[i] for i in order], added
-

@@ -104,11 +104,11 @@ def label_vertebrae(
     (optionally :func:`segment_upper_sacrum`); vertebrae the naming found missing from the mask
     but ``fit_mask`` holds get seeds of their own there (:func:`seed_missing_levels`), and the
     labels come back onto the mask's own grid with nearest neighbour. On that grid the labels
-    are then fitted to the mask (and ``fit_mask``): mask voxels the resampling left unlabelled take the label of the vertebra
-    they connect to (geodesically, inside the mask), voxels outside the mask are cleared
-    (except the sacrum, which is not part of the mask) and every label is made one
-    26-connected piece (except a vertebra that the mask itself holds in pieces). A piece
-    of the sacrum that the mask took in below L5 (:func:`caudal_fragment`) is no vertebra:
+    are then fitted to the mask (and ``fit_mask``): mask voxels the resampling left unlabelled
+    take the label of the vertebra they connect to (geodesically, inside the mask), voxels
+    outside the mask are cleared (except the sacrum, which is not part of the mask) and every
+    label is made one 26-connected piece (except a vertebra that the mask itself holds in
+    pieces). A piece of the sacrum that the mask took in below L5 (:func:`caudal_fragment`) is no vertebra:
     it joins the sacrum, or stays unlabelled without ``include_sacrum``.
 
     Parameters

@@ -67,6 +67,22 @@ def test_a_rib_cut_by_the_top_of_the_scan_is_not_evidence(column, cut_by):
     assert len(find_ribs(lowered, mask, line, SPACING_MM, field_of_view).ribs) == 1
 
 
+@pytest.mark.parametrize("run_mm, found", [(12, True), (7, False)])
+def test_a_thin_rib_cut_by_a_narrow_sagittal_slab_is_found(column, run_mm, found):
+    """A sagittal slab 80 mm wide in 3 mm slices shows a rib's neck over 10-15 mm, blurred to
+    0.3-0.45 ml of bone (the chest CTA cut so: T9-L1 named T11-L3 while such ribs were dropped).
+    A piece that runs only 7 mm before the slab's edge (a transverse process tip) stays out."""
+    mask, ct, line = column
+    ct = ct.copy()
+    add_rib(ct, (40, 46))  # 6 x 5 mm in section: 0.36 ml over 12 mm
+    x_edge = CENTRE_YX[1] + RADIUS_VOXELS + 9 + run_mm
+    field_of_view = np.ones(SHAPE, dtype=bool)
+    field_of_view[:, :, x_edge:] = False  # the slab's left edge
+    ct[~field_of_view] = -1000.0
+    ribs = find_ribs(ct, mask, line, SPACING_MM, field_of_view).ribs
+    assert [(rib.side, rib.cut_by_fov) for rib in ribs] == ([("left", True)] if found else [])
+
+
 def _segments(line, arcs):
     return [VertebraGeometry(low, high, np.zeros(3), RADIUS_VOXELS, 30.0, False) for low, high in arcs]
 

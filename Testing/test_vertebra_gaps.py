@@ -165,6 +165,31 @@ def test_a_sagittal_slab_with_a_partial_top_vertebra_is_not_shifted():
     assert info["anchored"]
 
 
+@pytest.mark.parametrize("scan_ends_in", ["T12", "L2"])
+def test_a_slab_ending_inside_t12_does_not_anchor_its_names_on_the_rib_above(scan_ends_in):
+    # the chest CTA cut into a sagittal slab ending inside T12 named T7-T12 as T8-L1, anchored:
+    # T12's rib, running down and out from its head, lay below the scan, so the T11 rib read as
+    # the last one. A piece the scan's bottom cuts, seen without ribs, confirms no last rib; a
+    # whole vertebra without ribs below the last rib-bearing one does
+    phantom = generate_phantom(4, spacing_mm=(3.0, 1.5, 1.5), first_level="T8", last_level="L3", field_of_view="slab")
+    truth = sitk.GetArrayFromImage(phantom.vertebra_labels)
+    ends_in = np.flatnonzero((truth == vertebra_by_name(scan_ends_in).value).any(axis=(1, 2)))
+    start = int(ends_in.min() + 0.6 * (ends_in.max() - ends_in.min()))  # the scan starts 60 % of the way up
+    size = [int(v) for v in phantom.ct.GetSize()]
+    size[2] -= start
+    ct = sitk.GetArrayFromImage(sitk.RegionOfInterest(phantom.ct, size, [0, 0, start])).copy()
+    mask = sitk.RegionOfInterest(phantom.spine_mask, size, [0, 0, start])
+    if scan_ends_in == "T12":  # its ribs lie below the scan: only bone of the column is left beside the sliver
+        sliver = slice(0, ends_in.max() + 1 - start)
+        ct[sliver][(ct[sliver] >= 150) & (sitk.GetArrayFromImage(mask)[sliver] == 0)] = 40
+    image = sitk.GetImageFromArray(ct)
+    image.CopyInformation(mask)
+    _, info = vertebra_labelling.label_vertebrae(mask, image)
+    assert info["anchored"] == (scan_ends_in == "L2"), (info["names"], info["method"])
+    if scan_ends_in == "T12":
+        assert vertebra_labelling.names_uncertainty(info) is not None
+
+
 def test_label_vertebrae_reports_its_stages_and_keeps_a_whole_chest_right(chest):
     _, info = vertebra_labelling.label_vertebrae(chest.spine_mask, chest.ct, spacing_mm=WORKING_MM)
     assert set(info["timings_s"]) >= {"resample", "split", "evidence", "naming", "map_back", "total"}

@@ -6,8 +6,11 @@ index axis into slabs that drop 0..N labelled vertebrae from the bottom and from
 goes through the middle of a vertebra, as a real field of view does), runs ``--task vertebrae``
 on each and prints, per slab, the VerSe identification rate, the names given and whether the run
 called them anchored. A confident wrong name (anchored, rate < 1) is the failure to fix.
+``--width-mm`` first narrows the scan left-right to that width around the labelled column, as
+a sagittal slab is (ribs and transverse processes cut by its sides). Labels in VerSe ids or
+TotalSegmentator's (``--label-format totalsegmentator``).
 
-Usage: python scripts/slab_naming.py CT LABELS [--drop 2] [--model DIR]
+Usage: python scripts/slab_naming.py CT LABELS [--drop 2] [--width-mm MM] [--label-format F] [--model DIR]
        e.g. ../shared/data/real/verse_sub-verse014/ct.nii.gz ../shared/data/real/verse_sub-verse014/seg_vert.nii.gz
 """
 from __future__ import annotations
@@ -21,23 +24,46 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _narrowed(image, labels, width_mm: float):
+    """``image`` and ``labels`` cut left-right to ``width_mm`` around the middle of the labelled vertebrae."""
+    direction = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
+    axis = int(np.argmax(direction[0]))  # the index axis that runs left-right (physical x)
+    numpy_axis = 2 - axis
+    import SimpleITK as sitk
+
+    where = np.nonzero(np.any(sitk.GetArrayViewFromImage(labels) > 0, axis=tuple(a for a in range(3) if a != numpy_axis)))[0]
+    middle = int(round(0.5 * (where.min() + where.max())))
+    half = int(round(0.5 * width_mm / image.GetSpacing()[axis]))
+    index = [slice(None)] * 3
+    index[axis] = slice(max(middle - half, 0), middle + half + 1)
+    return image[tuple(index)], labels[tuple(index)]
+
+
 def main(argv=None) -> int:
     import SimpleITK as sitk
 
     from SpineContextSegLib.evaluation.metrics import identification_rate
     from SpineContextSegLib.io.images import read_image
     from SpineContextSegLib.io.validation import cranio_caudal_axis
-    from SpineContextSegLib.labels import vertebra_by_verse_id
+    from SpineContextSegLib.labels import totalsegmentator_to_verse, vertebra_by_verse_id
     from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine, segment_image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("ct")
     parser.add_argument("labels")
     parser.add_argument("--drop", type=int, default=2, help="most labelled vertebrae to drop at each end (default 2)")
+    parser.add_argument("--label-format", choices=("verse", "totalsegmentator"), default="verse", help="ids of LABELS (default: VerSe)")
+    parser.add_argument("--width-mm", type=float, help="narrow the scan left-right to this width around the labelled column (mm)")
     parser.add_argument("--model", help="model folder (default: the bundled model)")
     args = parser.parse_args(argv)
     image = read_image(args.ct)
     labels = sitk.ReadImage(args.labels)
+    if args.label_format == "totalsegmentator":
+        verse = sitk.GetImageFromArray(totalsegmentator_to_verse(sitk.GetArrayFromImage(labels)).astype(np.uint8))
+        verse.CopyInformation(labels)
+        labels = verse
+    if args.width_mm:
+        image, labels = _narrowed(image, labels, args.width_mm)
     axis = cranio_caudal_axis(image)
     numpy_axis = 2 - axis
     label_array = sitk.GetArrayViewFromImage(labels)

@@ -30,7 +30,7 @@ from SpineContextSegLib.anatomy.centreline import Centreline, _points_mm, _spaci
 from SpineContextSegLib.anatomy.evidence import Rib, RibScan, VertebraGeometry, bone_beyond_column, find_ribs, lungs_beside, vertebra_geometry
 from SpineContextSegLib.anatomy.naming_model import (
     ATLAS_AXIS, CHAIN_PRIORS, HEIGHT_SCALE_LOG_SIGMA, HEIGHT_SCALES, _chain_model, _chains, _forward_backward, _log_likelihood_tables, _logsumexp, _path_log_scores, _verse_ids_of,
-    network_name_shares,
+    network_name_shares, segment_kinds,
 )
 from SpineContextSegLib.anatomy.split import THICKNESS_LEVELS, grow_labels, keep_largest_pieces
 from SpineContextSegLib.errors import SegmentationError
@@ -252,7 +252,8 @@ def name_vertebrae(
         ``names`` and ``verse_ids`` (top to bottom), ``chain`` (``standard``, ``L6``,
         ``T13``), ``confidence`` (posterior probability of the chosen names among all
         namings, 0-1; at most :data:`UNANCHORED_CONFIDENCE` without an anchor), ``anchored`` (an anchor agrees with the names: sacrum, the lowest or
-        the first rib-bearing level with a rib-free one beyond it, skull base, or the network),
+        the first rib-bearing level with a rib-free one beyond it (below the lowest, not a piece
+        the scan's bottom cuts), skull base, or the network),
         ``anchors`` (cues found: ``bone_below``, ``sacral_alae``, ``skull``,
         ``lowest_rib_vertebra``, ``first_rib_vertebra`` as instance numbers, ``ribs_found``),
         ``method`` (the anchors that agree with the chosen names, or ``"body size only"``),
@@ -375,9 +376,12 @@ def name_vertebrae(
     def seen_without_ribs(index: int) -> bool:
         return False in (ribs[index].get("right"), ribs[index].get("left")) and not (ribs[index].get("right") or ribs[index].get("left"))
 
-    # the last rib-bearing level is T12 (T13) when a vertebra below it is seen without ribs; the
-    # first is T1 when one above it is
-    if lowest_rib is not None and best_names[lowest_rib - 1] in (19, 28) and any(best_names[i] in (20, 21) and seen_without_ribs(i) for i in range(lowest_rib, count)):
+    # the last rib-bearing level is T12 (T13) when a vertebra below it is seen without ribs, unless
+    # that is a piece the scan's bottom cuts: ribs run down and out from their heads, so the rib
+    # of a T12 cut so may lie below the scan (a sagittal slab ending inside T12 showed T11's rib
+    # as the last and was named a level low, confidently); the first is T1 when one above it is
+    piece, _, _, _, cut_below = segment_kinds(geometry, visible)
+    if lowest_rib is not None and best_names[lowest_rib - 1] in (19, 28) and any(best_names[i] in (20, 21) and seen_without_ribs(i) and not (cut_below[i] and piece[i]) for i in range(lowest_rib, count)):
         deciding.append("ribs")
         rib_anchor = True
     if first_rib is not None and best_names[first_rib - 1] == 8 and any(best_names[i] in (6, 7) and seen_without_ribs(i) for i in range(first_rib - 1)):

@@ -247,6 +247,25 @@ def _rib_count_log(rib: np.ndarray, found: int) -> np.ndarray:
     return table
 
 
+def segment_kinds(geometry: Sequence[VertebraGeometry], visible_arc: Tuple[float, float]) -> Tuple[np.ndarray, ...]:
+    """``(piece, small, truncated, cut_above, cut_below)``, each (N,) bool over the segments (top first).
+
+    A piece is much shorter than its neighbours (under 0.55 of the 80th percentile of the
+    lengths of the nine around it: a stretch of fragments must not set the norm): a piece of a
+    vertebra, beside which a missing rib says little. Small ones hold under half their volume; truncated ones touch the field of view's edge, cut above (below) within
+    5 mm of the top (bottom) of the centreline's visible stretch, ``visible_arc`` (top, bottom) mm.
+    """
+    count = len(geometry)
+    length = np.array([max(g.arc_high_mm - g.arc_low_mm, 0.0) for g in geometry])
+    typical = np.array([np.percentile(length[max(0, i - 4) : i + 5], 80) for i in range(count)])
+    volume = np.array([g.volume_ml for g in geometry])
+    small = volume < 0.5 * np.array([np.percentile(volume[max(0, i - 4) : i + 5], 80) for i in range(count)])
+    truncated = np.array([g.truncated for g in geometry], dtype=bool)
+    cut_above = truncated & (np.array([g.arc_high_mm for g in geometry]) >= visible_arc[0] - 5.0)
+    cut_below = truncated & (np.array([g.arc_low_mm for g in geometry]) <= visible_arc[1] + 5.0)
+    return length < 0.55 * typical, small, truncated, cut_above, cut_below
+
+
 def _log_likelihood_tables(
     model: _ChainModel, geometry: Sequence[VertebraGeometry], ribs: Sequence[Dict[str, object]], gaps: Sequence[Dict[str, object]], below: Dict[str, object], above: Dict[str, object],
     votes: Optional[np.ndarray], visible_arc: Tuple[float, float], lungs: Optional[Sequence[Optional[bool]]] = None,
@@ -262,15 +281,8 @@ def _log_likelihood_tables(
     scales = HEIGHT_SCALES[:, None]
     centre = np.array([0.5 * (g.arc_low_mm + g.arc_high_mm) for g in geometry])
     length = np.array([max(g.arc_high_mm - g.arc_low_mm, 0.0) for g in geometry])
-    # a segment much shorter than its neighbours is a piece of a vertebra: a rib missing beside it says little
-    # (the neighbours' upper lengths and volumes: a stretch of fragments must not set the norm)
-    typical = np.array([np.percentile(length[max(0, i - 4) : i + 5], 80) for i in range(count)])
-    piece = length < 0.55 * typical
-    volume = np.array([g.volume_ml for g in geometry])
-    small = volume < 0.5 * np.array([np.percentile(volume[max(0, i - 4) : i + 5], 80) for i in range(count)])
-    truncated = np.array([g.truncated for g in geometry])
+    piece, small, truncated, cut_above, _ = segment_kinds(geometry, visible_arc)
     whole = ~piece & ~small & ~truncated  # a whole vertebra: its length is its body height
-    cut_above = truncated & (np.array([g.arc_high_mm for g in geometry]) >= visible_arc[0] - 5.0)
     emission = np.zeros((count, states))
     lung_found = [i for i, lung in enumerate(lungs or []) if lung]
     lung_ends = (lung_found[0], lung_found[-1]) if lung_found else ()

@@ -295,8 +295,8 @@ RUNNER_UP_PROBABILITY = 0.2
 def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
     """Why :func:`label_vertebrae`'s names (its ``info``) need checking, or ``None`` when they do not.
 
-    Without an anchor in view (sacrum, the last or first rib-bearing level, skull base, a
-    vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs
+    Without an anchor in view (sacrum, the last rib-bearing level above a whole vertebra without
+    ribs, the first rib-bearing level, skull base, a vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs
     tell only which stretch is thoracic), however likely that guess scores; with one, when the
     chosen names are less likely than not, or another naming is at least
     :data:`RUNNER_UP_PROBABILITY` likely.
@@ -304,7 +304,7 @@ def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
     confidence = float(info.get("confidence", 0.0))
     if not info.get("anchored", False):
         return (
-            f"No anatomical anchor (sacrum, last or first rib, skull base) is in view to confirm the vertebra names "
+            f"No anatomical anchor (sacrum, a last rib with a whole rib-free vertebra below it, a first rib, skull base) is in view to confirm the vertebra names "
             f"(confidence {confidence:.2f}): they are a guess from vertebra size and spacing (lungs and ribs beside the column "
             "show only which stretch is thoracic) and may be off by a level or more. Check them before use."
         )

@@ -444,6 +444,27 @@ def test_a_level_missing_beside_a_segment_two_vertebrae_long_is_cut_out_of_it():
         assert np.mean(verse_labels[truth == value] == verse_id) > 0.9, verse_id
 
 
+def test_a_level_skipped_beside_a_segment_two_vertebrae_long_is_not_charged_as_missing():
+    # the chest CTA in 3 mm slices: T2+T3 and T4+T5 one segment each were named T4 and T5 (a
+    # skip cost as much as a vertebra lost from the mask); a segment long enough for two bodies
+    # holds the level skipped beside it. Same centres, the upper segment 20 or 45 mm long
+    chain = naming_model._chains()["standard"]
+    model = naming_model._chain_model("standard", chain)
+    t2, t3, t4 = (model.names.index(v) for v in (9, 10, 11))
+
+    def transition(upper_length_mm):
+        geometry = [evidence.VertebraGeometry(150.0 - 0.5 * upper_length_mm, 150.0 + 0.5 * upper_length_mm, np.zeros(3), 9.0, 10.0, False)]
+        geometry += [evidence.VertebraGeometry(100.0 - 22.0 * k, 118.0 - 22.0 * k, np.zeros(3), 9.0, 8.0, False) for k in range(4)]
+        ribs = [{"right": None, "left": None}] * len(geometry)
+        gaps = [{"right": None, "left": None}] * (len(geometry) + 1)
+        _, _, transitions, _ = naming_model._log_likelihood_tables(model, geometry, ribs, gaps, {"bone_found": False}, {"skull_found": False}, None, (200.0, 0.0))
+        return transitions[0]
+
+    short, long = transition(18.0), transition(45.0)
+    assert np.allclose(long[:, t2, t4] - short[:, t2, t4], -np.log(naming_model.MISSING_LEVEL_PRIOR))  # T2(+T3) -> T4: no level missing
+    assert np.allclose(long[:, t2, t3], short[:, t2, t3])  # consecutive names: unchanged
+
+
 def test_vertebra_geometry_places_an_arch_without_body_at_its_pedicles():
     # an instance that is an arch alone (its body hollow in the mask): pedicles at one level and
     # a posterior bar that runs along three vertebrae; its body range is the pedicles' level

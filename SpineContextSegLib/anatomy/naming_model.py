@@ -60,6 +60,11 @@ PITCH_OUTLIER_SHARE = 0.05
 #: a segment being a further piece of the vertebra above it (a mask in fragments).
 MISSING_LEVEL_PRIOR = 0.05
 FRAGMENT_PRIOR = 0.1
+#: A segment longer than this many body heights of its name (plus 2 mm) holds one more vertebra:
+#: a level skipped beside it is not missing, it lies inside it (no :data:`MISSING_LEVEL_PRIOR`).
+#: The chest CTA in 3 mm slices: T2+T3 and T4+T5 one segment each, named T4 and T5 while a
+#: skip cost as much as a vertebra lost from the mask (8 of 12 named right, now 10).
+MERGED_SEGMENT_HEIGHTS = 1.6
 #: Expected number of rib pieces per side that :func:`find_ribs` finds where no rib-bearing level is.
 RIB_FALSE_DETECTIONS = 0.05
 
@@ -344,7 +349,11 @@ def _log_likelihood_tables(
         # a mask in pieces places some segments anywhere: a broad floor keeps one such distance
         # from outweighing the anatomical anchors
         floor = math.log(PITCH_OUTLIER_SHARE) - np.log(2.0 * np.abs(expected) + 20.0)
-        table = np.logaddexp(math.log(1.0 - PITCH_OUTLIER_SHARE) + fits, floor) + np.maximum(levels_apart - 1, 0)[None] * math.log(MISSING_LEVEL_PRIOR)
+        # levels skipped between two segments are missing from the mask, unless a segment beside
+        # them is long enough to hold one more vertebra (thick slices merge two across a disc)
+        skipped = np.maximum(levels_apart - 1, 0)[None]
+        merged = (length[i] > MERGED_SEGMENT_HEIGHTS * height + 2.0)[:, :, None].astype(np.float64) + (length[i + 1] > MERGED_SEGMENT_HEIGHTS * height + 2.0)[:, None, :]
+        table = np.logaddexp(math.log(1.0 - PITCH_OUTLIER_SHARE) + fits, floor) + (skipped - np.minimum(merged, skipped)) * math.log(MISSING_LEVEL_PRIOR)
         # a further piece of the vertebra above: both fit inside one vertebra
         union = geometry[i].arc_high_mm - geometry[i + 1].arc_low_mm
         own = height  # (S, J)

@@ -186,8 +186,9 @@ def test_a_slab_ending_inside_t12_does_not_anchor_its_names_on_the_rib_above(sca
     image.CopyInformation(mask)
     _, info = vertebra_labelling.label_vertebrae(mask, image)
     assert info["anchored"] == (scan_ends_in == "L2"), (info["names"], info["method"])
+    assert info["anchors"]["last_rib_unconfirmed"] == (scan_ends_in == "T12")
     if scan_ends_in == "T12":
-        assert vertebra_labelling.names_uncertainty(info) is not None
+        assert "last rib found" in vertebra_labelling.names_uncertainty(info)
 
 
 def test_label_vertebrae_reports_its_stages_and_keeps_a_whole_chest_right(chest):

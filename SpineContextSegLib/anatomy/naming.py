@@ -255,7 +255,9 @@ def name_vertebrae(
         the first rib-bearing level with a rib-free one beyond it (below the lowest, not a piece
         the scan's bottom cuts), skull base, or the network),
         ``anchors`` (cues found: ``bone_below``, ``sacral_alae``, ``skull``,
-        ``lowest_rib_vertebra``, ``first_rib_vertebra`` as instance numbers, ``ribs_found``),
+        ``lowest_rib_vertebra``, ``first_rib_vertebra`` as instance numbers, ``ribs_found``,
+        ``last_rib_unconfirmed``: the names put T12 at the last rib found, but the only rib-free
+        vertebra below it is a piece the scan's bottom cuts),
         ``method`` (the anchors that agree with the chosen names, or ``"body size only"``),
         ``missing_levels`` (names inferred between segments, absent from the mask),
         ``missing_between`` ([{"below_instance": i, "verse_ids": [...], "above_verse_id",
@@ -381,9 +383,14 @@ def name_vertebrae(
     # of a T12 cut so may lie below the scan (a sagittal slab ending inside T12 showed T11's rib
     # as the last and was named a level low, confidently); the first is T1 when one above it is
     piece, _, _, _, cut_below = segment_kinds(geometry, visible)
-    if lowest_rib is not None and best_names[lowest_rib - 1] in (19, 28) and any(best_names[i] in (20, 21) and seen_without_ribs(i) and not (cut_below[i] and piece[i]) for i in range(lowest_rib, count)):
-        deciding.append("ribs")
-        rib_anchor = True
+    rib_free_below = [i for i in range(lowest_rib or count, count) if best_names[i] in (20, 21) and seen_without_ribs(i)]
+    last_rib_unconfirmed = False
+    if lowest_rib is not None and best_names[lowest_rib - 1] in (19, 28) and rib_free_below:
+        if all(cut_below[i] and piece[i] for i in rib_free_below):
+            last_rib_unconfirmed = True
+        else:
+            deciding.append("ribs")
+            rib_anchor = True
     if first_rib is not None and best_names[first_rib - 1] == 8 and any(best_names[i] in (6, 7) and seen_without_ribs(i) for i in range(first_rib - 1)):
         deciding.append("first rib")
         rib_anchor = True
@@ -415,6 +422,7 @@ def name_vertebrae(
         "anchors": {
             "bone_below": bool(below["bone_found"]), "sacral_alae": bool(below["alae_found"]), "skull": bool(above["skull_found"]),
             "lowest_rib_vertebra": lowest_rib, "first_rib_vertebra": first_rib, "ribs_found": len(scan.ribs),
+            "last_rib_unconfirmed": last_rib_unconfirmed,
         },
         "missing_levels": [vertebra_by_verse_id(v).name for v in missing],
         "missing_between": missing_between,

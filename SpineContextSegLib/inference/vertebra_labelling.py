@@ -296,12 +296,19 @@ def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
     """Why :func:`label_vertebrae`'s names (its ``info``) need checking, or ``None`` when they do not.
 
     Without an anchor in view (sacrum, the last rib-bearing level above a whole vertebra without
-    ribs, the first rib-bearing level, skull base, a vertebrae network) the names are a guess from vertebra size and spacing (lungs and ribs
+    ribs, the first rib-bearing level, skull base, a vertebrae network; a last rib above only a
+    piece the scan's bottom cuts gets a message of its own) the names are a guess from vertebra size and spacing (lungs and ribs
     tell only which stretch is thoracic), however likely that guess scores; with one, when the
     chosen names are less likely than not, or another naming is at least
     :data:`RUNNER_UP_PROBABILITY` likely.
     """
     confidence = float(info.get("confidence", 0.0))
+    if not info.get("anchored", False) and (info.get("anchors") or {}).get("last_rib_unconfirmed"):
+        return (
+            f"The vertebra names count down to the last rib found, named T12, but the only vertebra seen below it is cut by the "
+            f"bottom of the scan (confidence {confidence:.2f}): a T12 whose rib lies below the scan looks the same, so the names "
+            "may all be one level too far down the spine (T11 named T12). Check the count before use."
+        )
     if not info.get("anchored", False):
         return (
             f"No anatomical anchor (sacrum, a last rib with a whole rib-free vertebra below it, a first rib, skull base) is in view to confirm the vertebra names "

@@ -159,5 +159,6 @@ def _score_sagittal_slabs(args, original, bundle, engine) -> None:
         print(f"| {width_mm:g} mm, {first}-{last}, {slice_mm:g} mm | {right}/{len(found)} | {anchored} | {shown} |", flush=True)
     print(f"| **all slabs** | **{total_right}/{total}** | | |")
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,11 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def _narrowed(image, labels, width_mm: float):
     """``image`` and ``labels`` cut left-right to ``width_mm`` around the middle of the labelled vertebrae."""
+    import SimpleITK as sitk
+
     direction = np.abs(np.asarray(image.GetDirection()).reshape(3, 3))
     axis = int(np.argmax(direction[0]))  # the index axis that runs left-right (physical x)
     numpy_axis = 2 - axis
-    import SimpleITK as sitk
-
     where = np.nonzero(np.any(sitk.GetArrayViewFromImage(labels) > 0, axis=tuple(a for a in range(3) if a != numpy_axis)))[0]
     middle = int(round(0.5 * (where.min() + where.max())))
     half = int(round(0.5 * width_mm / image.GetSpacing()[axis]))

@@ -257,8 +257,9 @@ def segment_kinds(geometry: Sequence[VertebraGeometry], visible_arc: Tuple[float
 
     A piece is much shorter than its neighbours (under 0.55 of the 80th percentile of the
     lengths of the nine around it: a stretch of fragments must not set the norm): a piece of a
-    vertebra, beside which a missing rib says little. Small ones hold under half their volume; truncated ones touch the field of view's edge, cut above (below) within
-    5 mm of the top (bottom) of the centreline's visible stretch, ``visible_arc`` (top, bottom) mm.
+    vertebra, beside which a missing rib says little. Small ones hold under half their volume;
+    truncated ones touch the field of view's edge, cut above (below) within 5 mm of the top
+    (bottom) of the centreline's visible stretch, ``visible_arc`` (top, bottom) mm.
     """
     count = len(geometry)
     length = np.array([max(g.arc_high_mm - g.arc_low_mm, 0.0) for g in geometry])

@@ -296,11 +296,11 @@ def names_uncertainty(info: Dict[str, object]) -> Optional[str]:
     """Why :func:`label_vertebrae`'s names (its ``info``) need checking, or ``None`` when they do not.
 
     Without an anchor in view (sacrum, the last rib-bearing level above a whole vertebra without
-    ribs, the first rib-bearing level, skull base, a vertebrae network; a last rib above only a
-    piece the scan's bottom cuts gets a message of its own) the names are a guess from vertebra size and spacing (lungs and ribs
-    tell only which stretch is thoracic), however likely that guess scores; with one, when the
-    chosen names are less likely than not, or another naming is at least
-    :data:`RUNNER_UP_PROBABILITY` likely.
+    ribs, the first rib-bearing level, skull base, a vertebrae network) the names are a guess
+    from vertebra size and spacing (lungs and ribs tell only which stretch is thoracic), however
+    likely that guess scores; a last rib above only a piece the scan's bottom cuts gets a
+    message of its own. With an anchor, when the chosen names are less likely than not, or
+    another naming is at least :data:`RUNNER_UP_PROBABILITY` likely.
     """
     confidence = float(info.get("confidence", 0.0))
     if not info.get("anchored", False) and (info.get("anchors") or {}).get("last_rib_unconfirmed"):

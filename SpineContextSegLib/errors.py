@@ -104,6 +104,7 @@ WARNING_CODES: Dict[str, ErrorKind] = {
     "vertebra_names_uncertain": ErrorKind(
         EXIT_OK,
         "--task vertebrae: no anatomical anchor (sacrum, ribs, skull base) is in the field of view, so names come from vertebra size alone; "
+        "or the last rib found has only a vertebra cut by the scan's bottom below it (T12's own rib may lie below the scan: the names may all be one level too far down); "
         "or another naming (often one level off, or a sixth lumbar vertebra) is nearly as likely as the one given.",
         "Check the names against the anatomy (count from C2 or from the first rib where in view); a field of view that includes the sacrum and the lowest ribs names them most reliably.",
     ),

@@ -110,7 +110,7 @@ WARNING_CODES: Dict[str, ErrorKind] = {
     ),
     "vertebra_slices_too_thick": ErrorKind(
         EXIT_OK,
-        "--task vertebrae on a CT with slices more than 5 mm apart along the spine (or resampled from such slices): discs are not resolved, vertebrae can merge and names shift.",
+        "--task vertebrae on a CT with slices more than 3.5 mm apart along the spine (or resampled from such slices): discs are not resolved, vertebrae can merge and names shift.",
         "Use a reconstruction with thinner slices (<= 3 mm) for vertebra names; the whole-spine mask is still usable.",
     ),
     "gpu_out_of_memory": ErrorKind(EXIT_OK, "The GPU ran out of memory; the run went on, on the CPU (slower).", "Nothing; to stay on the GPU, close other GPU programs or lower --batch-size."),

@@ -236,15 +236,16 @@ def _warnings_of_naming(ct, mask):
 def test_slices_too_thick_to_show_discs_are_flagged(chest):
     """CTChest4 (10 mm slices) was named L2-L5 for a chest: such a scan must say its names are unreliable."""
     assert "vertebra_slices_too_thick" not in _warnings_of_naming(chest.ct, chest.spine_mask)  # 2.5 mm
-    thick_spacing = (2.5, 2.5, 8.0)
-    size = [int(round(n * s / t)) for n, s, t in zip(chest.ct.GetSize(), chest.ct.GetSpacing(), thick_spacing)]
 
-    def resampled(image, interpolator):
+    def resampled(image, interpolator, thick_spacing):
+        size = [int(round(n * s / t)) for n, s, t in zip(chest.ct.GetSize(), chest.ct.GetSpacing(), thick_spacing)]
         return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), thick_spacing, image.GetDirection(), 0, image.GetPixelID())
 
-    thick_ct, thick_mask = resampled(chest.ct, sitk.sitkLinear), resampled(chest.spine_mask, sitk.sitkNearestNeighbor)
-    assert "vertebra_slices_too_thick" in _warnings_of_naming(thick_ct, thick_mask)
-    # the same thick slices resampled back to 2.5 mm (CTChest4 at 1 mm was named C1-C3 without this warning)
+    # 4 mm: the chest CTA so reformatted had 4 of 8 names right at overlap 0.5, and 0 of 10 at 5 mm
+    for thick_spacing in ((2.5, 2.5, 4.0), (2.5, 2.5, 8.0)):
+        thick_ct, thick_mask = resampled(chest.ct, sitk.sitkLinear, thick_spacing), resampled(chest.spine_mask, sitk.sitkNearestNeighbor, thick_spacing)
+        assert "vertebra_slices_too_thick" in _warnings_of_naming(thick_ct, thick_mask), thick_spacing
+    # the 8 mm slices resampled back to 2.5 mm (CTChest4 at 1 mm was named C1-C3 without this warning)
     thin_again = sitk.Resample(thick_ct, chest.ct, sitk.Transform(), sitk.sitkLinear, 0, chest.ct.GetPixelID())
     assert "vertebra_slices_too_thick" in _warnings_of_naming(thin_again, chest.spine_mask)
 

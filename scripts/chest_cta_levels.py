@@ -11,7 +11,8 @@ For each tile overlap (0.25 = the default, 0.5: the names should not move with t
 ``--task vertebrae`` and prints the names right among those it gives in T2-L1, each name with
 the level it sits on, and the vertebrae of the reading that carry their own name (of 12): a
 segment that holds two vertebrae names one of them right and leaves the other without a name,
-which only the second count shows.
+which only the second count shows. The mean body Dice (:func:`body_dice`) scores the labels'
+borders: where each body begins and ends, not only where its name sits.
 
 ``--slice-mm 2.5 3`` also scores the CT reformatted to thicker slices (``--pixel-mm`` in plane,
 default 0.75), as chest CTs are often reconstructed (0.7 x 0.7 x 2.5 mm): each slice the
@@ -97,6 +98,37 @@ def names_on_levels(labels, image, original):
     return found
 
 
+def body_dice(labels, image, original) -> dict:
+    """Dice per level of :data:`BODY_SLICES` between the bodies the labels give and the read ones.
+
+    ``labels``: (z, y, x) array on ``image``'s grid, axial slices (y anterior -> posterior). The
+    body is the front 40 % of the spine mask in each slice (between its most anterior and its
+    most posterior voxel); the read body of a level is that front part in the slices of its
+    range (mapped to ``original``'s slices through physical space), the labelled one the front
+    part that carries the level's name, in the slices of any read body (discs left out).
+    """
+    from SpineContextSegLib.labels import vertebra_by_name
+
+    depth = labels.shape[0]
+    original_slice = np.array([original.TransformPhysicalPointToContinuousIndex(image.TransformIndexToPhysicalPoint((0, 0, k)))[2] for k in range(depth)])
+    mask = labels > 0
+    rows = np.arange(labels.shape[1])[None, :, None]
+    any_row = mask.any(axis=2)  # (z, y)
+    first = np.where(any_row.any(axis=1), np.argmax(any_row, axis=1), 0)
+    last = np.where(any_row.any(axis=1), labels.shape[1] - 1 - np.argmax(any_row[:, ::-1], axis=1), 0)
+    front = mask & (rows <= (first + 0.4 * (last - first))[:, None, None])
+    in_body = np.zeros(depth, dtype=bool)
+    for low, high in BODY_SLICES.values():
+        in_body |= (original_slice >= low) & (original_slice <= high)
+    scores = {}
+    for name, (low, high) in BODY_SLICES.items():
+        read = front & ((original_slice >= low) & (original_slice <= high))[:, None, None]
+        given = front & (labels == vertebra_by_name(name).value) & in_body[:, None, None]
+        total = int(read.sum()) + int(given.sum())
+        scores[name] = 2.0 * int((read & given).sum()) / total if total else float("nan")
+    return scores
+
+
 def main(argv=None) -> int:
     from SpineContextSegLib.inference.pipeline import SegmentOptions, load_model_and_engine
     from SpineContextSegLib.io.images import read_image
@@ -123,18 +155,20 @@ def _score_axial(args, original, bundle, engine) -> None:
 
     from SpineContextSegLib.inference.pipeline import SegmentOptions, segment_image
 
-    print("| slices | overlap | names right (T2-L1) | vertebrae named right (of 12) | names (the level each sits on) |")
-    print("|---|---:|---:|---:|---|")
+    print("| slices | overlap | names right (T2-L1) | vertebrae named right (of 12) | mean body Dice (12) | names (the level each sits on) |")
+    print("|---|---:|---:|---:|---:|---|")
     for slice_mm in [None] + list(args.slice_mm):
         image = original if slice_mm is None else thick_slices(original, slice_mm, args.pixel_mm)
         grid = "x".join(f"{s:g}" for s in image.GetSpacing())
         for overlap in OVERLAPS:
             result = segment_image(image, SegmentOptions(model_dir=args.model, task="vertebrae", overlap=overlap), bundle=bundle, engine=engine)
-            found = names_on_levels(sitk.GetArrayFromImage(result.mask), image, original)
+            labels = sitk.GetArrayFromImage(result.mask)
+            found = names_on_levels(labels, image, original)
             right = sum(name == sits_on for name, sits_on in found)
             named = sum(name in BODY_SLICES for name, _ in found)
             shown = " ".join(name if sits_on == name else f"{name} (on {sits_on})" for name, sits_on in found)
-            print(f"| {grid} mm | {overlap} | {right}/{named} | {right}/{len(BODY_SLICES)} | {shown} |", flush=True)
+            bodies = np.nan_to_num(list(body_dice(labels, image, original).values()))
+            print(f"| {grid} mm | {overlap} | {right}/{named} | {right}/{len(BODY_SLICES)} | {bodies.mean():.3f} | {shown} |", flush=True)
 
 
 def _score_sagittal_slabs(args, original, bundle, engine) -> None:

@@ -98,6 +98,12 @@ def names_on_levels(labels, image, original):
     return found
 
 
+def _right_and_shown(found):
+    """How many of ``found`` (:func:`names_on_levels`) sit on their own level, and the names as printed ("T4 (on T5)" where not)."""
+    right = sum(name == sits_on for name, sits_on in found)
+    return right, " ".join(name if sits_on == name else f"{name} (on {sits_on})" for name, sits_on in found)
+
+
 def body_dice(labels, image, original) -> dict:
     """Dice per level of :data:`BODY_SLICES` between the bodies the labels give and the read ones.
 
@@ -164,9 +170,8 @@ def _score_axial(args, original, bundle, engine) -> None:
             result = segment_image(image, SegmentOptions(model_dir=args.model, task="vertebrae", overlap=overlap), bundle=bundle, engine=engine)
             labels = sitk.GetArrayFromImage(result.mask)
             found = names_on_levels(labels, image, original)
-            right = sum(name == sits_on for name, sits_on in found)
+            right, shown = _right_and_shown(found)
             named = sum(name in BODY_SLICES for name, _ in found)
-            shown = " ".join(name if sits_on == name else f"{name} (on {sits_on})" for name, sits_on in found)
             bodies = np.nan_to_num(list(body_dice(labels, image, original).values()))
             print(f"| {grid} mm | {overlap} | {right}/{named} | {right}/{len(BODY_SLICES)} | {bodies.mean():.3f} | {shown} |", flush=True)
 
@@ -186,10 +191,9 @@ def _score_sagittal_slabs(args, original, bundle, engine) -> None:
         image = sagittal_slab(original, column, width_mm, first, last, slice_mm, args.pixel_mm)
         result = segment_image(image, SegmentOptions(model_dir=args.model, task="vertebrae"), bundle=bundle, engine=engine)
         found = names_on_levels(sitk.GetArrayFromImage(result.mask), image, original)
-        right = sum(name == sits_on for name, sits_on in found)
+        right, shown = _right_and_shown(found)
         total_right, total = total_right + right, total + len(found)
         anchored = result.info.get("vertebrae", {}).get("anchored")
-        shown = " ".join(name if sits_on == name else f"{name} (on {sits_on})" for name, sits_on in found)
         print(f"| {width_mm:g} mm, {first}-{last}, {slice_mm:g} mm | {right}/{len(found)} | {anchored} | {shown} |", flush=True)
     print(f"| **all slabs** | **{total_right}/{total}** | | |")
 

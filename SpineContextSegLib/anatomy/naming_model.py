@@ -340,20 +340,21 @@ def _log_likelihood_tables(
     first_only = np.array([name in (ATLAS_AXIS, 1) for name in names])
     valid = ((levels_apart >= 1) & ~first_only[None, :]) | (np.eye(states, dtype=bool))
     expected = scales[:, :, None] * (model.centre_mm[None, None, :] - model.centre_mm[None, :, None])  # (S, J, J)
+    sigma = PITCH_SIGMA_SHARE * np.abs(expected) + PITCH_SIGMA_MM
+    # a mask in pieces places some segments anywhere: a broad floor keeps one such distance
+    # from outweighing the anatomical anchors
+    floor = math.log(PITCH_OUTLIER_SHARE) - np.log(2.0 * np.abs(expected) + 20.0)
+    # levels skipped between two segments are missing from the mask, unless a segment beside
+    # them is long enough to hold one more vertebra (thick slices merge two across a disc)
+    skipped = np.maximum(levels_apart - 1, 0)[None]
+    holds_two = (length[None, :, None] > MERGED_SEGMENT_HEIGHTS * height[:, None, :] + 2.0).astype(np.float64)  # (S, N, J)
     transitions = []
     for i in range(count - 1):
         distance = centre[i] - centre[i + 1]
         slack = loose[:, i, :, None] + loose[:, i + 1, None, :]
-        sigma = PITCH_SIGMA_SHARE * np.abs(expected) + PITCH_SIGMA_MM
         residual = np.maximum(0.0, np.abs(distance - expected) - slack)
         fits = -0.5 * (residual / sigma) ** 2 - np.log(2.0 * slack + 2.5066 * sigma)
-        # a mask in pieces places some segments anywhere: a broad floor keeps one such distance
-        # from outweighing the anatomical anchors
-        floor = math.log(PITCH_OUTLIER_SHARE) - np.log(2.0 * np.abs(expected) + 20.0)
-        # levels skipped between two segments are missing from the mask, unless a segment beside
-        # them is long enough to hold one more vertebra (thick slices merge two across a disc)
-        skipped = np.maximum(levels_apart - 1, 0)[None]
-        merged = (length[i] > MERGED_SEGMENT_HEIGHTS * height + 2.0)[:, :, None].astype(np.float64) + (length[i + 1] > MERGED_SEGMENT_HEIGHTS * height + 2.0)[:, None, :]
+        merged = holds_two[:, i, :, None] + holds_two[:, i + 1, None, :]
         table = np.logaddexp(math.log(1.0 - PITCH_OUTLIER_SHARE) + fits, floor) + (skipped - np.minimum(merged, skipped)) * math.log(MISSING_LEVEL_PRIOR)
         # a further piece of the vertebra above: both fit inside one vertebra
         union = geometry[i].arc_high_mm - geometry[i + 1].arc_low_mm
